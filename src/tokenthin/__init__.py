@@ -1,0 +1,36 @@
+"""tokenthin: training-free token merging and pruning for pretrained transformers."""
+
+from .api import applied, apply, explain, info, is_applied, methods, remove
+from .errors import (
+    AlreadyAppliedError,
+    BudgetError,
+    InputMismatchError,
+    NotAppliedError,
+    SiteError,
+    TokenThinError,
+    UnknownMethodError,
+    UnsupportedModelError,
+)
+from .runtime import TokenInfo
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlreadyAppliedError",
+    "BudgetError",
+    "InputMismatchError",
+    "NotAppliedError",
+    "SiteError",
+    "TokenInfo",
+    "TokenThinError",
+    "UnknownMethodError",
+    "UnsupportedModelError",
+    "__version__",
+    "applied",
+    "apply",
+    "explain",
+    "info",
+    "is_applied",
+    "methods",
+    "remove",
+]

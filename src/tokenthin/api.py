@@ -1,0 +1,197 @@
+"""Public API: apply(), remove(), applied(), info(), methods(), explain()."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import budget as _budget
+from .adapters.base import find_adapter
+from .errors import AlreadyAppliedError, InputMismatchError, NotAppliedError, TokenThinError
+from .methods.base import all_methods, get
+from .runtime import Runtime, TokenInfo
+
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
+
+
+def apply(
+    model: nn.Module,
+    method: str,
+    *,
+    r: int | list[int] | tuple[int, float] | None = None,
+    keep: float | int | None = None,
+    flops: float | None = None,
+    site: str | None = None,
+    unmerge: bool = False,
+    prop_attn: bool = True,
+    calibration: torch.Tensor | None = None,
+    replace: bool = False,
+    **params: Any,
+) -> nn.Module:
+    """Apply a token-reduction method to ``model`` in place and return it.
+
+    Budgets (exactly one): ``r`` tokens merged after every layer (int, per-layer list, or ToMe's ``(r, inflect)``),
+    ``keep`` patch tokens kept at a single site (fraction in (0, 1] or count), or ``flops`` a target fraction of
+    the encoder's analytic FLOPs. ``site``: ``"layers"``, ``"layer:k"``, ``"output"`` or ``"input"`` (default: the
+    method's). ``unmerge=True`` returns a full per-patch ``last_hidden_state`` (dense tasks). ``calibration``:
+    pixel values for methods that calibrate (``dtome``). Other keyword arguments are the method's parameters.
+    """
+    if model in _APPLIED:
+        if not replace:
+            cur = _APPLIED[model]
+            raise AlreadyAppliedError(
+                f"tokenthin is already applied to this model (method '{cur.method.name}'); call "
+                "tokenthin.remove(model) first, or pass replace=True to re-configure"
+            )
+        remove(model)
+    cls = get(method)
+    m = cls(**params)
+    adapter = find_adapter(model)
+    grid = (adapter.image_size[0] // adapter.patch[0], adapter.image_size[1] // adapter.patch[1])
+
+    def input_patches(frac: float) -> int:
+        hh, ww = m.input_size(adapter.image_size[0], adapter.image_size[1], adapter.patch[0], frac)
+        return (hh // adapter.patch[0]) * (ww // adapter.patch[1])
+
+    schedule = _budget.resolve(
+        kind=cls.kind,
+        sites=cls.sites,
+        default_site=cls.default_site,
+        name=cls.name,
+        site=site,
+        r=r,
+        keep=keep,
+        flops=flops,
+        dims=adapter.dims,
+        grid=grid,
+        input_patches=input_patches if "input" in cls.sites else None,
+    )
+    rt = Runtime(model, adapter, m, schedule, unmerge=unmerge, prop_attn=prop_attn)
+    rt.attach()
+    _APPLIED[model] = rt
+    try:
+        if hasattr(m, "calibrate"):
+            if calibration is None:
+                raise TokenThinError(
+                    f"method '{cls.name}' calibrates on images: pass calibration=pixel_values "
+                    "(a batch of typical inputs, e.g. 16-64 images)"
+                )
+            _check_input(model, calibration)
+            m.calibrate(lambda: _run_calibration(model, rt, calibration))
+        elif calibration is not None:
+            raise TokenThinError(f"method '{cls.name}' does not calibrate; drop calibration=")
+    except BaseException:
+        remove(model)
+        raise
+    return model
+
+
+def _check_input(model: nn.Module, x: torch.Tensor) -> None:
+    p = next(model.parameters())
+    if x.device != p.device:
+        raise InputMismatchError(f"calibration images are on {x.device}, the model on {p.device}; move them")
+    if not x.is_floating_point():
+        raise InputMismatchError(
+            "calibration images must be float pixel values (normalised as the model expects)"
+        )
+
+
+def _run_calibration(model: nn.Module, rt: Runtime, pixel_values: torch.Tensor) -> None:
+    rt.calibrating = True
+    try:
+        with torch.no_grad():
+            rt.adapter.root(pixel_values=pixel_values.to(next(model.parameters()).dtype))
+    finally:
+        rt.calibrating = False
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Remove tokenthin from ``model``; its outputs are exactly those of the untouched model again."""
+    rt = _APPLIED.pop(model, None)
+    if rt is None:
+        raise NotAppliedError("tokenthin is not applied to this model; nothing to remove")
+    rt.detach()
+    return model
+
+
+@contextmanager
+def applied(model: nn.Module, method: str, **kwargs: Any) -> Iterator[nn.Module]:
+    """``with tokenthin.applied(model, "tome", r=8): ...`` applies on entry and removes on exit."""
+    apply(model, method, **kwargs)
+    try:
+        yield model
+    finally:
+        if model in _APPLIED:
+            remove(model)
+
+
+def is_applied(model: nn.Module) -> bool:
+    return model in _APPLIED
+
+
+def info(model: nn.Module) -> TokenInfo:
+    """What the last forward call did: token counts per layer, sizes, padding mask and source map."""
+    rt = _APPLIED.get(model)
+    if rt is None:
+        raise NotAppliedError("tokenthin is not applied to this model")
+    if rt.last is None:
+        raise TokenThinError("no forward call has run since tokenthin was applied")
+    return rt.last
+
+
+def methods() -> list[dict[str, Any]]:
+    """Every registered method: name, paper, arXiv id, sites, parameters, one-line description."""
+    out = []
+    for name, cls in all_methods().items():
+        out.append(
+            {
+                "name": name,
+                "paper": cls.title,
+                "arxiv": cls.arxiv,
+                "kind": cls.kind,
+                "sites": ["layer:k" if s == "layer" else s for s in cls.sites],
+                "default_site": cls.default_site,
+                "parameters": {k: {"default": p.default, "doc": p.doc} for k, p in cls.params.items()},
+                "description": cls.summary,
+            }
+        )
+    return out
+
+
+def explain(model: nn.Module) -> dict[str, Any]:
+    """Which modules would be touched, which sites exist and, if applied, the plan and its analytic FLOPs."""
+    a = find_adapter(model)
+    L = len(a.layers)
+    grid = (a.image_size[0] // a.patch[0], a.image_size[1] // a.patch[1])
+    out: dict[str, Any] = {
+        "adapter": type(a).__name__,
+        "family": a.family,
+        "layers": L,
+        "protected_tokens": a.num_protected,
+        "patch_grid": grid,
+        "tokens": a.num_protected + grid[0] * grid[1],
+        "sites": ["input", "layers", *[f"layer:{i}" for i in range(L)], "output"],
+        "touched_modules": a.touched(),
+    }
+    rt = _APPLIED.get(model)
+    if rt is not None:
+        s = rt.schedule
+        ip = None
+        if s.site == "input":
+            hh, ww = rt.method.input_size(a.image_size[0], a.image_size[1], a.patch[0], s.keep)  # type: ignore[arg-type]
+            ip = (hh // a.patch[0]) * (ww // a.patch[1])
+        counts, n_out = _budget.tokens_per_layer(s, grid[0] * grid[1], a.num_protected, ip)
+        out["applied"] = {
+            "method": rt.method.name,
+            "params": rt.method.p,
+            "schedule": s.describe(),
+            "tokens_per_layer": counts,
+            "tokens_out": n_out,
+            "flops_fraction": _budget.flops_fraction(s, a.dims, grid, ip),
+        }
+    return out

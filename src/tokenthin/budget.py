@@ -1,0 +1,266 @@
+"""Budgets: parse ``r`` / ``keep`` / ``flops`` into a schedule, and solve FLOPs targets.
+
+Sites:
+* ``"layers"``: a reduction after every encoder layer but the last (merging methods), ``r`` tokens each;
+* ``"layer:k"``: one reduction after encoder layer k (0-based); ``"output"`` is ``"layer:<last>"``;
+* ``"input"``: the image itself is made smaller (the downsampling baseline).
+
+``keep`` counts patch tokens only (protected tokens such as [CLS] are always kept on top): a float in (0, 1] is a
+fraction of the image's patches, an int is a count. ``flops`` is a target fraction of the unreduced encoder's
+analytic FLOPs (see :mod:`tokenthin.flops`) at the model's configured image size, solved into ``r`` or ``keep``.
+
+Where ``flops`` is given for a single-site method without a site, the reduction point is placed after layer
+``k = max(0, round(L * flops / 2) - 1)``: about half of the FLOPs budget is spent on full-resolution layers, the
+rest on the kept tokens. This is our rule, not a paper's; pass ``site="layer:k"`` to choose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import BudgetError, SiteError
+from .flops import EncoderDims, encoder_flops
+
+
+@dataclass(frozen=True)
+class Schedule:
+    site: str  # "layers" | "layer" | "input"
+    num_layers: int
+    r: tuple[int, ...] | None = None  # site "layers": tokens removed after layers 0 .. L-2
+    layer: int | None = None  # site "layer": the reduction point
+    keep: float | int | None = None  # site "layer"/"input": fraction (float) or count (int) of patches kept
+
+    @property
+    def points(self) -> list[int]:
+        if self.site == "layers":
+            assert self.r is not None
+            return [i for i, r in enumerate(self.r) if r > 0]
+        if self.site == "layer":
+            assert self.layer is not None
+            return [self.layer]
+        return []
+
+    def keep_at(self, layer: int, counts: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """(B,) candidates each sample keeps at a reduction point, given its current candidate counts."""
+        if self.site == "layers":
+            assert self.r is not None
+            r = self.r[layer]
+            if int(counts.min()) - r < 1 or r > int(counts.min()) // 2 + 1:
+                raise BudgetError(
+                    f"r={r} after layer {layer} is too large for {int(counts.min())} mergeable tokens "
+                    "(one layer merges at most half); use a smaller r or a larger image"
+                )
+            return counts - r
+        k = keep_count(self.keep, n_patches)
+        if k > int(counts.min()):
+            raise BudgetError(
+                f"keep={self.keep} asks for {k} tokens but only {int(counts.min())} are left at layer {layer}; "
+                "use a smaller keep or a larger image"
+            )
+        return torch.full_like(counts, k)
+
+    def describe(self) -> str:
+        if self.site == "layers":
+            return f"site=layers r={list(self.r or ())}"
+        if self.site == "input":
+            return f"site=input keep={self.keep}"
+        return f"site=layer:{self.layer} keep={self.keep}"
+
+
+def keep_count(keep: float | int | None, n_patches: int) -> int:
+    if keep is None:
+        raise BudgetError("no keep budget")
+    if isinstance(keep, float):
+        return max(1, min(n_patches, round(keep * n_patches)))
+    return int(keep)
+
+
+def parse_site(site: str | None, num_layers: int) -> tuple[str, int | None]:
+    if site is None:
+        return "", None
+    s = site.strip().lower()
+    if s in ("layers", "input"):
+        return s, None
+    if s == "output":
+        return "layer", num_layers - 1
+    if s.startswith("layer:"):
+        try:
+            k = int(s.split(":", 1)[1])
+        except ValueError:
+            k = -(10**9)
+        if k < 0:
+            k += num_layers
+        if not 0 <= k < num_layers:
+            raise SiteError(f"site '{site}': layer index must be in 0..{num_layers - 1} for this model")
+        return "layer", k
+    raise SiteError(f"unknown site '{site}'; sites are 'layers', 'layer:k', 'output', 'input'")
+
+
+def tome_schedule(r: int, inflect: float, steps: int) -> list[int]:
+    """ToMe-style schedule: ``inflect`` 0 is constant, -0.5 decreasing (more merging early), 0.5 increasing."""
+    lo = int(r * (1.0 - inflect))
+    hi = 2 * r - lo
+    step = (hi - lo) / max(steps - 1, 1)
+    return [int(lo + step * i) for i in range(steps)]
+
+
+def _check_r(rs: Sequence[int], n_patches: int) -> None:
+    n = n_patches
+    for i, r in enumerate(rs):
+        if not isinstance(r, int) or r < 0:
+            raise BudgetError(f"r after layer {i} must be a non-negative int, got {r!r}")
+        if r > n // 2 or n - r < 1:
+            raise BudgetError(
+                f"r={r} after layer {i} is too large: {n} patch tokens are left there and one layer merges at "
+                f"most half ({n // 2}); use a smaller r, a decreasing schedule r=(r, -0.5), or flops="
+            )
+        n -= r
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def tokens_per_layer(s: Schedule, n_patches: int, protected: int, input_patches: int | None = None):
+    """Tokens entering each layer and leaving the encoder, for one image (static budgets)."""
+    L = s.num_layers
+    n = (input_patches if s.site == "input" else n_patches) + protected
+    counts, out = [], n
+    for i in range(L):
+        counts.append(n)
+        if s.site == "layers" and i < L - 1:
+            n -= (s.r or ())[i]
+        elif s.site == "layer" and i == s.layer:
+            n = protected + keep_count(s.keep, n_patches)
+        out = n
+    return counts, out
+
+
+def resolve(
+    *,
+    kind: str,
+    sites: Sequence[str],
+    default_site: str,
+    name: str,
+    site: str | None,
+    r: object,
+    keep: object,
+    flops: object,
+    dims: EncoderDims,
+    grid: tuple[int, int],
+    input_patches: Callable[[float], int] | None = None,
+) -> Schedule:
+    """Turn the user's budget into a :class:`Schedule`, checking it against the model's default token count."""
+    L = dims.num_layers
+    n_patches = grid[0] * grid[1]
+    given = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
+    if len(given) != 1:
+        raise BudgetError(
+            f"give exactly one budget: r= (tokens merged per layer), keep= (fraction or count of patch tokens "
+            f"kept) or flops= (target fraction of encoder FLOPs); got {given or 'none'}"
+        )
+    site_kind, layer = parse_site(site, L)
+    if not site_kind:
+        site_kind = default_site.split(":")[0] if default_site != "output" else "layer"
+        layer = L - 1 if default_site == "output" else None
+        if kind == "prune" and flops is not None and site is None:
+            layer = max(0, round(L * float(flops) / 2) - 1)  # type: ignore[arg-type]
+        elif site_kind == "layer" and layer is None:
+            layer = L - 1
+    allowed = {"layer:k" if s == "layer" else s for s in sites}
+    if site_kind not in sites:
+        pretty = "layer:k" if site_kind == "layer" else site_kind
+        raise SiteError(
+            f"method '{name}' does not act at site '{site or pretty}'; its sites: {', '.join(sorted(allowed))}"
+        )
+
+    def total(s: Schedule) -> float:
+        ip = input_patches(s.keep) if (s.site == "input" and input_patches) else None  # type: ignore[arg-type]
+        counts, out = tokens_per_layer(s, n_patches, dims.num_protected, ip)
+        return encoder_flops(counts, ip or n_patches, dims, out)
+
+    full = encoder_flops([n_patches + dims.num_protected] * L, n_patches, dims)
+
+    if site_kind == "layers":
+        if keep is not None:
+            raise BudgetError("site 'layers' takes r= or flops=, not keep=; for keep= use site='layer:k'")
+        if r is not None:
+            if isinstance(r, tuple) and len(r) == 2 and isinstance(r[1], float):
+                rs = tome_schedule(int(r[0]), r[1], L - 1)
+            elif isinstance(r, (list, tuple)):
+                rs = list(r)
+                if len(rs) != L - 1:
+                    raise BudgetError(
+                        f"a per-layer r needs {L - 1} values (one after each layer but the last)"
+                    )
+            elif isinstance(r, int) and not isinstance(r, bool):
+                rs = [r] * (L - 1)
+            else:
+                raise BudgetError(f"r must be an int, a list of {L - 1} ints or (r, inflect); got {r!r}")
+            _check_r(rs, n_patches)
+            return Schedule("layers", L, r=tuple(rs))
+        target = _fraction(flops, "flops")
+        best: Schedule | None = None
+        for rv in range(0, n_patches // 2 + 1):
+            rs, n = [], n_patches
+            for _ in range(L - 1):
+                step = min(rv, n // 2, n - 1)
+                rs.append(step)
+                n -= step
+            s = Schedule("layers", L, r=tuple(rs))
+            if best is None or abs(total(s) / full - target) < abs(total(best) / full - target):
+                best = s
+        assert best is not None
+        return best
+
+    if site_kind == "input":
+        if r is not None:
+            raise BudgetError("the input site takes keep= or flops=, not r=")
+        if keep is not None:
+            return Schedule("input", L, keep=_fraction(keep, "keep"))
+        target = _fraction(flops, "flops")
+        cands = [Schedule("input", L, keep=f / 1000) for f in range(5, 1001, 5)]
+        return min(cands, key=lambda s: abs(total(s) / full - target))
+
+    assert layer is not None
+    if r is not None:
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < n_patches:
+            raise BudgetError(f"r={r!r} must be an int in 0..{n_patches - 1} at a single site")
+        return Schedule("layer", L, layer=layer, keep=n_patches - r)
+    if keep is not None:
+        if not _is_num(keep):
+            raise BudgetError(f"keep must be a fraction in (0, 1] or a token count, got {keep!r}")
+        if isinstance(keep, float):
+            _fraction(keep, "keep")
+        elif not 1 <= keep <= n_patches:  # type: ignore[operator]
+            raise BudgetError(
+                f"keep={keep} tokens is out of range: this model has {n_patches} patch tokens at its "
+                f"configured size; give 1..{n_patches} or a fraction in (0, 1]"
+            )
+        return Schedule("layer", L, layer=layer, keep=keep)  # type: ignore[arg-type]
+    target = _fraction(flops, "flops")
+    cands = [Schedule("layer", L, layer=layer, keep=k) for k in range(1, n_patches + 1)]
+    best = min(cands, key=lambda s: abs(total(s) / full - target))
+    floor = total(cands[0]) / full
+    if target < floor - 0.02:
+        raise BudgetError(
+            f"flops={target} is unreachable with one reduction after layer {layer} (at least {floor:.2f}); "
+            "choose an earlier site='layer:k'"
+        )
+    return best
+
+
+def _fraction(v: object, what: str) -> float:
+    if not _is_num(v) or not 0 < float(v) <= 1:  # type: ignore[arg-type]
+        raise BudgetError(f"{what}={v!r} must be a fraction in (0, 1]")
+    return float(v)  # type: ignore[arg-type]
+
+
+def flops_fraction(s: Schedule, dims: EncoderDims, grid: tuple[int, int], input_patches: int | None = None):
+    n = grid[0] * grid[1]
+    counts, out = tokens_per_layer(s, n, dims.num_protected, input_patches)
+    full = encoder_flops([n + dims.num_protected] * dims.num_layers, n, dims)
+    return encoder_flops(counts, input_patches or n, dims, out) / full

@@ -1,0 +1,191 @@
+"""The method contract and registry.
+
+A method is one paper's algorithm box: it receives tensors (a :class:`ReduceInput`) and returns a plan, a keep mask
+plus merge targets (see :mod:`tokenthin.ops.assign`). It never touches a model; adapters know where the tensors come
+from. A method declares
+
+* ``kind``: ``"merge"`` (acts at every layer boundary with a per-layer ``r``, or once with a keep count),
+  ``"prune"`` (acts once, with a keep count) or ``"input"`` (acts on the image before the encoder);
+* ``sites``: which of ``"layers"`` (every boundary), ``"layer"`` (``"layer:k"``, after encoder layer k),
+  ``"output"`` (after the last encoder layer) and ``"input"`` it supports;
+* ``signals``: which of ``"keys"``, ``"cls_attn"``, ``"mean_attn"`` it reads, so adapters capture only those;
+* ``params``: its own parameters with defaults and checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import BudgetError, TokenThinError, UnknownMethodError
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter: default, one-line doc and an optional check returning an error message or None."""
+
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] | None = None
+
+
+class SignalSource:
+    """Lazily computed signals at one reduction point (implemented by the runtime)."""
+
+    def keys(self, layer: int) -> torch.Tensor:  # (B, N, d_head) keys averaged over heads
+        raise NotImplementedError
+
+    def cls_attention(self, layer: int) -> torch.Tensor:  # (B, N)
+        raise NotImplementedError
+
+    def mean_attention(self, layer: int) -> torch.Tensor:  # (B, N)
+        raise NotImplementedError
+
+
+@dataclass
+class ReduceInput:
+    """Everything a method sees at one reduction point."""
+
+    x: torch.Tensor  # (B, N, D) hidden states after encoder layer ``layer``
+    size: torch.Tensor  # (B, N) how many original tokens each token stands for (0: padding)
+    valid: torch.Tensor  # (B, N) False for padding
+    num_protected: int  # leading tokens never merged or dropped ([CLS], registers, distillation token)
+    layer: int  # encoder layer whose output this is
+    num_layers: int
+    grid: tuple[int, int]  # original patch grid (h, w)
+    pristine: bool  # True when no reduction happened before this point (tokens are protected + full grid)
+    signals: SignalSource
+    calibrating: bool = False
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def candidates(self) -> torch.Tensor:
+        """(B, N) tokens that may be merged or dropped: valid and not protected."""
+        c = self.valid.clone()
+        c[:, : self.num_protected] = False
+        return c
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """(B,) number of candidate tokens per sample."""
+        return self.candidates.sum(1)
+
+    def keys(self) -> torch.Tensor:
+        return self.signals.keys(self.layer)
+
+    def cls_attention(self, layer: int | None = None) -> torch.Tensor:
+        if self.num_protected < 1:
+            raise TokenThinError(
+                "this model has no [CLS] token; use a method that scores without one "
+                "(e.g. 'divprune', 'kcenter', 'coverage', 'tome') or a mean-attention variant"
+            )
+        return self.signals.cls_attention(self.layer if layer is None else layer)
+
+    def mean_attention(self, layer: int | None = None) -> torch.Tensor:
+        return self.signals.mean_attention(self.layer if layer is None else layer)
+
+
+Plan = tuple[torch.Tensor, torch.Tensor | None]  # (keep (B, N) bool, target (B, N) long or None)
+
+
+class Method:
+    """Base class; subclasses set the class attributes and implement :meth:`reduce`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    arxiv: ClassVar[str] = ""
+    summary: ClassVar[str]
+    kind: ClassVar[str]
+    sites: ClassVar[tuple[str, ...]]
+    default_site: ClassVar[str]
+    signals: ClassVar[frozenset[str]] = frozenset()
+    params: ClassVar[dict[str, Param]] = {}
+
+    def __init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - set(self.params))
+        if unknown:
+            known = ", ".join(sorted(self.params)) or "none"
+            raise TokenThinError(
+                f"method '{self.name}' has no parameter(s) {', '.join(unknown)}; its parameters: {known}"
+            )
+        self.p: dict[str, Any] = {k: kwargs.get(k, spec.default) for k, spec in self.params.items()}
+        for k, spec in self.params.items():
+            msg = spec.check(self.p[k]) if spec.check else None
+            if msg:
+                raise TokenThinError(f"method '{self.name}': {k}={self.p[k]!r} is invalid: {msg}")
+
+    def signal_layers(self, point_layer: int, num_layers: int) -> list[int]:
+        """Encoder layers whose queries/keys this method reads for a reduction after ``point_layer``."""
+        return [point_layer]
+
+    def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
+        """Plan the reduction at one point. ``keep`` (B,): candidate tokens each sample keeps."""
+        raise NotImplementedError
+
+    def input_size(self, height: int, width: int, patch: int, keep: float) -> tuple[int, int]:
+        """For ``kind == "input"``: the image size to feed instead of (height, width)."""
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TokenThinError(f"two methods are named '{cls.name}'")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Method]:
+    from . import _load_all
+
+    _load_all()
+    key = name.lower().strip()
+    if key not in _REGISTRY:
+        raise UnknownMethodError(
+            f"unknown method '{name}'. Known methods: {', '.join(sorted(_REGISTRY))} "
+            "(see tokenthin.methods() for what each does)"
+        )
+    return _REGISTRY[key]
+
+
+def all_methods() -> dict[str, type[Method]]:
+    from . import _load_all
+
+    _load_all()
+    return dict(sorted(_REGISTRY.items()))
+
+
+# ----- small shared helpers for method files -----
+
+
+def uniform_keep(keep: torch.Tensor, method: str) -> int:
+    """Selection methods need one k for the whole batch; samples differ only after a dynamic reduction."""
+    k = int(keep.min())
+    if int(keep.max()) != k:
+        raise BudgetError(
+            f"'{method}' keeps the same count per sample, but samples arrive with different counts "
+            "(after a dynamic method such as dtome); give a keep count no larger than the smallest sample's"
+        )
+    return k
+
+
+def keep_indices(inp: ReduceInput, idx: torch.Tensor) -> torch.Tensor:
+    """Keep mask from selected candidate indices (B, k); protected tokens are always kept."""
+    keep = torch.zeros_like(inp.valid)
+    keep.scatter_(1, idx, True)
+    keep[:, : inp.num_protected] = True
+    return keep & inp.valid
+
+
+def positive_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and v > 0 else "must be a positive integer"
+
+
+def fraction(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and 0 < v <= 1 else "must be in (0, 1]"

@@ -1,0 +1,1 @@
+"""Pure tensor operations: batched, no nn.Module, no model knowledge."""

@@ -1,0 +1,83 @@
+"""Bipartite soft matching (ToMe, arXiv 2210.09461), batched, with protected and padded tokens.
+
+Tokens are split into a source set A and a destination set B. Every A token finds its most similar B token
+(cosine similarity of a metric, e.g. the keys averaged over heads); the ``r`` A tokens with the strongest edges
+are merged into their B match. The result is returned as an assignment (keep mask + merge targets, see
+:mod:`tokenthin.ops.assign`), so merging, size tracking and unmerging are shared with every other reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .similarity import normalize
+
+
+def alternate_split(n: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ToMe's split: even positions form A, odd positions form B. Returns index vectors (na,), (nb,)."""
+    idx = torch.arange(n, device=device)
+    return idx[0::2], idx[1::2]
+
+
+def edge_scores(
+    metric: torch.Tensor,
+    a_idx: torch.Tensor,
+    b_idx: torch.Tensor,
+    a_ok: torch.Tensor,
+    b_ok: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best B match of every A token.
+
+    metric (B, N, C); a_idx (B, na) / b_idx (B, nb) token indices; a_ok / b_ok (B, na) / (B, nb) which of them may
+    take part (protected and padded tokens may not). Returns (best similarity (B, na), index into b_idx (B, na));
+    A tokens that may not merge get -inf.
+    """
+    m = normalize(metric)
+    c = m.shape[-1]
+    a = m.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, c))
+    b = m.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, c))
+    scores = a @ b.transpose(-1, -2)
+    scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
+    best, best_j = scores.max(dim=-1)
+    best = best.masked_fill(~a_ok, -torch.inf)
+    return best, best_j
+
+
+def match(
+    metric: torch.Tensor,
+    r: int | torch.Tensor,
+    candidates: torch.Tensor,
+    a_idx: torch.Tensor | None = None,
+    b_idx: torch.Tensor | None = None,
+    threshold: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the ``r`` strongest A->B edges per sample; returns (keep (B, N), target (B, N)).
+
+    ``candidates`` (B, N): tokens that may be merged or receive merges (False: protected or padding; such
+    tokens are kept untouched unless padding, which stays invalid downstream). ``r`` is an int or a (B,) tensor.
+    With ``threshold`` only edges whose similarity exceeds it are merged (at most ``r``), so samples merge
+    different counts (DyMU). ``a_idx``/``b_idx`` default to ToMe's alternating split.
+    """
+    bsz, n, _ = metric.shape
+    dev = metric.device
+    if a_idx is None or b_idx is None:
+        a1, b1 = alternate_split(n, dev)
+        a_idx, b_idx = a1.expand(bsz, -1), b1.expand(bsz, -1)
+    a_ok = candidates.gather(1, a_idx)
+    b_ok = candidates.gather(1, b_idx)
+    best, best_j = edge_scores(metric, a_idx, b_idx, a_ok, b_ok)
+    order = best.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=dev).expand(bsz, -1)
+    )
+    r_t = torch.as_tensor(r, device=dev).reshape(-1, 1) if not isinstance(r, int) else r
+    chosen = (rank < r_t) & torch.isfinite(best)
+    if threshold is not None:
+        thr = torch.as_tensor(threshold, device=dev, dtype=best.dtype).reshape(-1, 1)
+        chosen = chosen & (best > thr)
+    keep = torch.ones(bsz, n, dtype=torch.bool, device=dev)
+    keep.scatter_(1, a_idx, ~chosen)
+    target = torch.full((bsz, n), -1, dtype=torch.long, device=dev)
+    dst_tok = b_idx.gather(1, best_j)
+    target.scatter_(1, a_idx, torch.where(chosen, dst_tok, torch.full_like(dst_tok, -1)))
+    return keep, target

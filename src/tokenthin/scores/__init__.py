@@ -1,0 +1,1 @@
+"""Signals computed from what a layer already has: queries, keys, hidden states."""
