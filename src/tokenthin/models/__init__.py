@@ -1,0 +1,1 @@
+"""Real pretrained models tokenthin can load offline."""
