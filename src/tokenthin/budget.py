@@ -214,6 +214,12 @@ def resolve(
             if best is None or abs(total(s) / full - target) < abs(total(best) / full - target):
                 best = s
         assert best is not None
+        reached = total(best) / full
+        if target < reached - 0.02:
+            raise BudgetError(
+                f"flops={target} is unreachable by merging after every layer (at least {reached:.2f}: the first "
+                "layer always sees every token and each layer merges at most half); use a larger target"
+            )
         return best
 
     if site_kind == "input":

@@ -155,7 +155,7 @@ class Runtime:
         if self.schedule.site == "input":
             hh, ww = self.method.input_size(pv.shape[-2], pv.shape[-1], a.patch[0], self.schedule.keep)  # type: ignore[arg-type]
             if (hh, ww) != tuple(pv.shape[-2:]):
-                small = F.interpolate(pv, size=(hh, ww), mode="bilinear", align_corners=False, antialias=True)
+                small = F.interpolate(pv.float(), size=(hh, ww), mode="bilinear", align_corners=False, antialias=True)
                 small = small.to(pv.dtype)
                 sh, sw = hh // a.patch[0], ww // a.patch[1]
                 st.source = self._grid_source(h, w, sh, sw, pv.device).expand(st.batch, -1)
