@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import tokenthin
-from tokenthin.methods.base import all_methods
-
 from tiny import FAMILIES, build, max_diff, outputs
+from tokenthin.methods.base import all_methods
 
 CALIBRATING = {"dtome"}  # tested with calibration images in their own file
 METHODS = [name for name in all_methods() if name not in CALIBRATING]
