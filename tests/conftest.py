@@ -7,6 +7,9 @@ import torch
 
 from tiny import IMAGE
 
+# tiny models run fastest on one thread (and CI machines are small and shared)
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def images() -> torch.Tensor:

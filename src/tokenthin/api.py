@@ -30,6 +30,7 @@ def apply(
     unmerge: bool = False,
     prop_attn: bool = True,
     calibration: torch.Tensor | None = None,
+    image_size: int | tuple[int, int] | None = None,
     replace: bool = False,
     **params: Any,
 ) -> nn.Module:
@@ -39,7 +40,9 @@ def apply(
     ``keep`` patch tokens kept at a single site (fraction in (0, 1] or count), or ``flops`` a target fraction of
     the encoder's analytic FLOPs. ``site``: ``"layers"``, ``"layer:k"``, ``"output"`` or ``"input"`` (default: the
     method's). ``unmerge=True`` returns a full per-patch ``last_hidden_state`` (dense tasks). ``calibration``:
-    pixel values for methods that calibrate (``dtome``). Other keyword arguments are the method's parameters.
+    pixel values for methods that calibrate (``dtome``). ``image_size``: the input size budgets are planned for
+    (default: the model config's; pass it when you feed other sizes, e.g. 224 to a DINOv2 configured for 518).
+    Other keyword arguments are the method's parameters.
     """
     if model in _APPLIED:
         if not replace:
@@ -52,6 +55,8 @@ def apply(
     cls = get(method)
     m = cls(**params)
     adapter = find_adapter(model)
+    if image_size is not None:
+        adapter.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     grid = (adapter.image_size[0] // adapter.patch[0], adapter.image_size[1] // adapter.patch[1])
 
     def input_patches(frac: float) -> int:
@@ -96,9 +101,7 @@ def _check_input(model: nn.Module, x: torch.Tensor) -> None:
     if x.device != p.device:
         raise InputMismatchError(f"calibration images are on {x.device}, the model on {p.device}; move them")
     if not x.is_floating_point():
-        raise InputMismatchError(
-            "calibration images must be float pixel values (normalised as the model expects)"
-        )
+        raise InputMismatchError("calibration images must be float pixel values (normalised as the model expects)")
 
 
 def _run_calibration(model: nn.Module, rt: Runtime, pixel_values: torch.Tensor) -> None:
@@ -165,7 +168,8 @@ def methods() -> list[dict[str, Any]]:
 
 def explain(model: nn.Module) -> dict[str, Any]:
     """Which modules would be touched, which sites exist and, if applied, the plan and its analytic FLOPs."""
-    a = find_adapter(model)
+    rt = _APPLIED.get(model)
+    a = rt.adapter if rt is not None else find_adapter(model)
     L = len(a.layers)
     grid = (a.image_size[0] // a.patch[0], a.image_size[1] // a.patch[1])
     out: dict[str, Any] = {
@@ -178,7 +182,6 @@ def explain(model: nn.Module) -> dict[str, Any]:
         "sites": ["input", "layers", *[f"layer:{i}" for i in range(L)], "output"],
         "touched_modules": a.touched(),
     }
-    rt = _APPLIED.get(model)
     if rt is not None:
         s = rt.schedule
         ip = None

@@ -51,14 +51,15 @@ class Schedule:
             if int(counts.min()) - r < 1 or r > int(counts.min()) // 2 + 1:
                 raise BudgetError(
                     f"r={r} after layer {layer} is too large for {int(counts.min())} mergeable tokens "
-                    "(one layer merges at most half); use a smaller r or a larger image"
+                    "(one layer merges at most half); use a smaller r, or pass image_size= to apply() so that "
+                    "budgets are planned for the size you feed"
                 )
             return counts - r
         k = keep_count(self.keep, n_patches)
         if k > int(counts.min()):
             raise BudgetError(
                 f"keep={self.keep} asks for {k} tokens but only {int(counts.min())} are left at layer {layer}; "
-                "use a smaller keep or a larger image"
+                "use a smaller keep, or pass image_size= to apply() so that budgets are planned for the size you feed"
             )
         return torch.full_like(counts, k)
 
@@ -193,9 +194,7 @@ def resolve(
             elif isinstance(r, (list, tuple)):
                 rs = list(r)
                 if len(rs) != L - 1:
-                    raise BudgetError(
-                        f"a per-layer r needs {L - 1} values (one after each layer but the last)"
-                    )
+                    raise BudgetError(f"a per-layer r needs {L - 1} values (one after each layer but the last)")
             elif isinstance(r, int) and not isinstance(r, bool):
                 rs = [r] * (L - 1)
             else:

@@ -1,0 +1,1 @@
+"""Measurement: tasks, metrics, timing, results."""
