@@ -43,12 +43,18 @@ class Schedule:
             return [self.layer]
         return []
 
-    def keep_at(self, layer: int, counts: torch.Tensor, n_patches: int) -> torch.Tensor:
-        """(B,) candidates each sample keeps at a reduction point, given its current candidate counts."""
+    def keep_at(self, layer: int, counts: torch.Tensor, n_patches: int, dynamic: bool = False) -> torch.Tensor:
+        """(B,) candidates each sample keeps at a reduction point, given its current candidate counts.
+
+        ``dynamic``: samples arrive with different counts (a dynamic method); ``r`` is then capped per sample at
+        what one bipartite round can merge instead of raising.
+        """
         if self.site == "layers":
             assert self.r is not None
             r = self.r[layer]
-            if int(counts.min()) - r < 1 or r > int(counts.min()) // 2 + 1:
+            if dynamic:
+                return counts - torch.clamp(counts // 2, max=r)
+            if r > int(counts.min()) // 2:
                 raise BudgetError(
                     f"r={r} after layer {layer} is too large for {int(counts.min())} mergeable tokens "
                     "(one layer merges at most half); use a smaller r, or pass image_size= to apply() so that "

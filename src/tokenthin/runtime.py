@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapters.base import Adapter
-from .budget import Schedule, keep_count
+from .budget import Schedule
 from .errors import InputMismatchError, TokenThinError
 from .methods.base import Method, ReduceInput, SignalSource
 from .ops import assign
@@ -68,9 +68,7 @@ class _Signals(SignalSource):
     def cls_attention(self, layer: int) -> torch.Tensor:
         q, k = self._qk(layer, True)
         assert q is not None
-        return cls_attention(
-            q, k, self.rt.adapter.num_heads, self.rt.adapter.scale, self.st.bias_at.get(layer)
-        )
+        return cls_attention(q, k, self.rt.adapter.num_heads, self.rt.adapter.scale, self.st.bias_at.get(layer))
 
     def mean_attention(self, layer: int) -> torch.Tensor:
         q, k = self._qk(layer, True)
@@ -183,15 +181,11 @@ class Runtime:
             mask = st.bias.to(hs.dtype).view(hs.shape[0], 1, 1, -1)
             if len(args) >= 2:
                 if args[1] is not None:
-                    raise TokenThinError(
-                        "tokenthin cannot combine a caller-supplied attention_mask with merging"
-                    )
+                    raise TokenThinError("tokenthin cannot combine a caller-supplied attention_mask with merging")
                 args = (args[0], mask, *args[2:])
             else:
                 if kwargs.get("attention_mask") is not None:
-                    raise TokenThinError(
-                        "tokenthin cannot combine a caller-supplied attention_mask with merging"
-                    )
+                    raise TokenThinError("tokenthin cannot combine a caller-supplied attention_mask with merging")
                 kwargs = {**kwargs, "attention_mask": mask}
             return args, kwargs
 
@@ -236,7 +230,7 @@ class Runtime:
             signals=_Signals(self, st),
             calibrating=self.calibrating,
         )
-        keep_n = self.schedule.keep_at(i, inp.counts, st.grid[0] * st.grid[1])
+        keep_n = self.schedule.keep_at(i, inp.counts, st.grid[0] * st.grid[1], self.method.dynamic)
         keep, target = self.method.reduce(inp, keep_n)
         keep = keep.clone()
         keep[:, :P] = True
@@ -268,11 +262,7 @@ class Runtime:
         if st is None:
             return None
         P = self.adapter.num_protected
-        kept = (
-            st.valid.sum(1).tolist()
-            if st.valid is not None
-            else [st.tokens[-1] if st.tokens else st.n0] * st.batch
-        )
+        kept = st.valid.sum(1).tolist() if st.valid is not None else [st.tokens[-1] if st.tokens else st.n0] * st.batch
         self.last = TokenInfo(
             grid=st.grid,
             num_protected=P,
@@ -285,7 +275,3 @@ class Runtime:
         if self.unmerge and st.source is not None and hasattr(out, "last_hidden_state"):
             out["last_hidden_state"] = assign.unmerge(out.last_hidden_state, st.source)
         return out if self.unmerge else None
-
-
-def input_grid(schedule: Schedule, n_patches: int) -> int:
-    return keep_count(schedule.keep, n_patches)

@@ -103,6 +103,7 @@ class Method:
     default_site: ClassVar[str]
     signals: ClassVar[frozenset[str]] = frozenset()
     params: ClassVar[dict[str, Param]] = {}
+    dynamic: ClassVar[bool] = False  # True: samples keep different counts (the runtime pads and masks)
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))

@@ -73,14 +73,15 @@ def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Ten
     """
     b, _, d = x.shape
     gathered = x.gather(1, a.slot_src.unsqueeze(-1).expand(b, a.n_out, d))
-    w = torch.where(a.dst >= 0, size, torch.zeros_like(size)).float()
+    acc_t = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in float32
+    w = torch.where(a.dst >= 0, size, torch.zeros_like(size)).to(acc_t)
     idx = a.dst.clamp(min=0)
-    size_out = torch.zeros(b, a.n_out, dtype=torch.float32, device=x.device).scatter_add_(1, idx, w)
+    size_out = torch.zeros(b, a.n_out, dtype=acc_t, device=x.device).scatter_add_(1, idx, w)
     if a.merges:
-        acc = torch.zeros(b, a.n_out, d, dtype=torch.float32, device=x.device)
-        acc.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x.float() * w.unsqueeze(-1))
+        acc = torch.zeros(b, a.n_out, d, dtype=acc_t, device=x.device)
+        acc.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x.to(acc_t) * w.unsqueeze(-1))
         mean = (acc / size_out.clamp_min(1e-12).unsqueeze(-1)).to(x.dtype)
-        own = size.gather(1, a.slot_src).float()
+        own = size.gather(1, a.slot_src).to(acc_t)
         merged = (size_out != own).unsqueeze(-1)
         gathered = torch.where(merged, mean, gathered)
     pad = torch.arange(a.n_out, device=x.device).unsqueeze(0) >= a.counts.unsqueeze(1)
