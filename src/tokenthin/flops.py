@@ -46,9 +46,7 @@ def head_flops(n: int, d: EncoderDims) -> int:
     return 0
 
 
-def encoder_flops(
-    tokens_per_layer: Sequence[int], n_patches: int, d: EncoderDims, n_out: int | None = None
-) -> int:
+def encoder_flops(tokens_per_layer: Sequence[int], n_patches: int, d: EncoderDims, n_out: int | None = None) -> int:
     """FLOPs for one image: embedding + every layer with the tokens entering it + head on ``n_out`` tokens
     (default: the last layer's count)."""
     if len(tokens_per_layer) != d.num_layers:

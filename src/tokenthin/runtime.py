@@ -7,6 +7,7 @@ summary of the last call. Removing the hooks restores the model exactly.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +23,19 @@ from .ops import assign
 from .scores.attention import cls_attention, mean_attention
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class TokenInfo:
     """What the last forward call did."""
 
     grid: tuple[int, int]  # original patch grid
     num_protected: int
-    tokens_per_layer: list[int]  # tokens entering each encoder layer (largest sample)
+    tokens_per_layer: list[int]  # tokens entering each encoder layer (largest sample: what the batch computes)
+    sample_tokens: list[list[int]]  # per layer, the valid tokens of each sample (differ only for dynamic methods)
     size: torch.Tensor | None  # (B, N_out) token sizes after the encoder (None: no reduction)
     valid: torch.Tensor | None  # (B, N_out) False for padding
     source: torch.Tensor | None  # (B, N0) original token -> output token (-1: dropped)
@@ -48,6 +55,7 @@ class CallState:
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     bias_at: dict[int, torch.Tensor | None] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
+    sample_tokens: list[list[int]] = field(default_factory=list)
     pristine: bool = True
 
 
@@ -97,6 +105,8 @@ class Runtime:
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.last: TokenInfo | None = None
         self.calibrating = False
+        self.measure = False  # accumulate the time spent in reductions into ``overhead_s`` (benchmarks)
+        self.overhead_s = 0.0
         self._st: CallState | None = None
         L = len(adapter.layers)
         self.points = set(schedule.points)
@@ -175,6 +185,7 @@ class Runtime:
                 return None
             hs = args[0] if args else kwargs["hidden_states"]
             st.tokens.append(hs.shape[1])
+            st.sample_tokens.append(st.valid.sum(1).tolist() if st.valid is not None else [hs.shape[1]] * hs.shape[0])
             st.bias_at[i] = st.bias
             if st.bias is None:
                 return None
@@ -205,7 +216,14 @@ class Runtime:
             if st is None:
                 return None
             x = out[0] if isinstance(out, tuple) else out
-            x_new = self._reduce(st, i, x)
+            if self.measure:
+                _sync(x.device)
+                t0 = time.perf_counter()
+                x_new = self._reduce(st, i, x)
+                _sync(x.device)
+                self.overhead_s += time.perf_counter() - t0
+            else:
+                x_new = self._reduce(st, i, x)
             if isinstance(out, tuple):
                 return (x_new, *out[1:])
             return x_new
@@ -267,6 +285,7 @@ class Runtime:
             grid=st.grid,
             num_protected=P,
             tokens_per_layer=st.tokens,
+            sample_tokens=st.sample_tokens,
             size=st.size,
             valid=st.valid,
             source=st.source,

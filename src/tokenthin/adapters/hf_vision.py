@@ -56,9 +56,7 @@ class HFVisionAdapter(Adapter):
         self.config = cfg
         self.family = getattr(cfg, "model_type", type(root).__name__)
         emb = root.embeddings
-        has_cls = (
-            getattr(emb, "cls_token", None) is not None or getattr(emb, "class_embedding", None) is not None
-        )
+        has_cls = getattr(emb, "cls_token", None) is not None or getattr(emb, "class_embedding", None) is not None
         self.num_protected = (
             int(has_cls)
             + int(getattr(emb, "distillation_token", None) is not None)

@@ -65,30 +65,48 @@ def select(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
     return mask.scatter_(1, keep_idx, True)
 
 
+def rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[b, idx[b, j]]`` for (B, N, D) and (B, K) -> (B, K, D): whole-row copies (much faster than a
+    ``gather`` with an index expanded over D)."""
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), idx]
+
+
 def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply an assignment: returns (x_out (B, n_out, D), size_out (B, n_out)).
 
-    Slots holding one token are copied exactly; merged slots are the size-weighted mean (accumulated in float32).
-    Padded slots (beyond a sample's count) are zero with size 0.
+    A pure selection copies the kept rows exactly. With merges, every slot is the size-weighted mean of its
+    tokens, accumulated in at least float32 (a slot that received nothing may differ from its token by rounding
+    when its size is not 1). Padded slots (beyond a sample's count) are zero with size 0.
     """
-    b, _, d = x.shape
-    gathered = x.gather(1, a.slot_src.unsqueeze(-1).expand(b, a.n_out, d))
-    acc_t = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in float32
-    w = torch.where(a.dst >= 0, size, torch.zeros_like(size)).to(acc_t)
-    idx = a.dst.clamp(min=0)
-    size_out = torch.zeros(b, a.n_out, dtype=acc_t, device=x.device).scatter_add_(1, idx, w)
+    b, n, d = x.shape
+    out = rows(x, a.slot_src)
+    own = size.gather(1, a.slot_src)
     if a.merges:
-        acc = torch.zeros(b, a.n_out, d, dtype=acc_t, device=x.device)
-        acc.scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), x.to(acc_t) * w.unsqueeze(-1))
-        mean = (acc / size_out.clamp_min(1e-12).unsqueeze(-1)).to(x.dtype)
-        own = size.gather(1, a.slot_src).to(acc_t)
-        merged = (size_out != own).unsqueeze(-1)
-        gathered = torch.where(merged, mean, gathered)
+        acc_t = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in float32
+        moved = (a.dst >= 0) & ~_kept_mask(a, n)
+        bi, ti = moved.nonzero(as_tuple=True)  # every merged token: (sample, token)
+        flat_dst = bi * a.n_out + a.dst[bi, ti]
+        w = size[bi, ti].to(acc_t)
+        size_out = own.to(acc_t).reshape(-1).index_add(0, flat_dst, w).view(b, a.n_out)
+        acc = (out.to(acc_t) * own.to(acc_t).unsqueeze(-1)).view(b * a.n_out, d)
+        acc.index_add_(0, flat_dst, x[bi, ti].to(acc_t) * w.unsqueeze(-1))
+        out = (acc.view(b, a.n_out, d) / size_out.clamp_min(1e-12).unsqueeze(-1)).to(x.dtype)
+        size_out = size_out.to(size.dtype)
+    else:
+        size_out = own.clone()
     pad = torch.arange(a.n_out, device=x.device).unsqueeze(0) >= a.counts.unsqueeze(1)
     if bool(pad.any()):
-        gathered = gathered.masked_fill(pad.unsqueeze(-1), 0)
+        out = out.masked_fill(pad.unsqueeze(-1), 0)
         size_out = size_out.masked_fill(pad, 0)
-    return gathered, size_out.to(size.dtype)
+    return out, size_out
+
+
+def _kept_mask(a: Assignment, n: int) -> torch.Tensor:
+    """(B, N) True for the tokens that represent a slot."""
+    kept = torch.zeros(a.dst.shape[0], n + 1, dtype=torch.bool, device=a.dst.device)
+    valid = torch.arange(a.n_out, device=a.dst.device).unsqueeze(0) < a.counts.unsqueeze(1)
+    kept.scatter_(1, torch.where(valid, a.slot_src, torch.full_like(a.slot_src, n)), True)
+    return kept[:, :n]
 
 
 def compose_source(source: torch.Tensor, a: Assignment) -> torch.Tensor:
@@ -99,8 +117,7 @@ def compose_source(source: torch.Tensor, a: Assignment) -> torch.Tensor:
 
 def unmerge(x: torch.Tensor, source: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """Scatter current tokens back to every original token: (B, N, D) -> (B, N0, D); dropped tokens get ``fill``."""
-    b, _, d = x.shape
-    out = x.gather(1, source.clamp(min=0).unsqueeze(-1).expand(b, source.shape[1], d))
+    out = rows(x, source.clamp(min=0))
     dropped = (source < 0).unsqueeze(-1)
     if bool(dropped.any()):
         out = out.masked_fill(dropped, fill)

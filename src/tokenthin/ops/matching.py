@@ -33,10 +33,8 @@ def edge_scores(
     A tokens that may not merge get -inf.
     """
     m = normalize(metric)
-    c = m.shape[-1]
-    a = m.gather(1, a_idx.unsqueeze(-1).expand(-1, -1, c))
-    b = m.gather(1, b_idx.unsqueeze(-1).expand(-1, -1, c))
-    scores = a @ b.transpose(-1, -2)
+    bi = torch.arange(m.shape[0], device=m.device).unsqueeze(1)
+    scores = m[bi, a_idx] @ m[bi, b_idx].transpose(-1, -2)
     scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
     best, best_j = scores.max(dim=-1)
     best = best.masked_fill(~a_ok, -torch.inf)
@@ -67,9 +65,7 @@ def match(
     b_ok = candidates.gather(1, b_idx)
     best, best_j = edge_scores(metric, a_idx, b_idx, a_ok, b_ok)
     order = best.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(order.shape[1], device=dev).expand(bsz, -1)
-    )
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand(bsz, -1))
     r_t = torch.as_tensor(r, device=dev).reshape(-1, 1) if not isinstance(r, int) else r
     chosen = (rank < r_t) & torch.isfinite(best)
     if threshold is not None:
