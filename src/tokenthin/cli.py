@@ -57,6 +57,96 @@ def explain_cmd(model: str = typer.Option("dinov2-s", help="dinov2-s: the bundle
     typer.echo(json.dumps(explain(load_dinov2()), indent=2, default=str))
 
 
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Option(
+        "dinov2-s",
+        help="'dinov2-s' (bundled real DINOv2 ViT-S/14 + saliency head) or a "
+        "local Hugging Face model directory / cached model id (never downloaded)",
+    ),
+    task: str = typer.Option("all", help="features | knn | saliency | cost | all (comma-separated allowed)"),
+    methods: str = typer.Option(
+        "", help="comma-separated methods (default: every method); the baselines random, pool, downsample always run"
+    ),
+    budgets: str = typer.Option("0.75,0.5,0.25", help="FLOPs fractions of the unreduced encoder"),
+    batch_size: int = typer.Option(8, help="batch size for every forward and for timing"),
+    images: int = typer.Option(16, help="images for features / saliency / timing"),
+    images_dir: str = typer.Option("", help="a folder of your own images instead of the bundled ones"),
+    knn_train: int = typer.Option(30, help="Fashion-MNIST train images per class for the k-NN probe"),
+    knn_test: int = typer.Option(10, help="Fashion-MNIST test images per class"),
+    image_size: int = typer.Option(224, help="input size in pixels"),
+    repeats: int = typer.Option(3, help="timed repeats (median) per configuration"),
+    out: str = typer.Option("results", help="output folder; the run goes to OUT/RUN"),
+    run: str = typer.Option("", help="run name (default: model name)"),
+    resume: bool = typer.Option(False, "--resume", help="skip rows already in OUT/RUN/results.jsonl"),
+    viz: bool = typer.Option(True, help="write viz_*.png token overlays"),
+    seed: int = typer.Option(0, help="random seed"),
+) -> None:
+    """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
+    results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
+    from .bench.main import run_bench
+
+    run_bench(
+        model=model,
+        tasks=task,
+        methods=methods,
+        budgets=budgets,
+        batch_size=batch_size,
+        images=images,
+        images_dir=images_dir,
+        knn_train=knn_train,
+        knn_test=knn_test,
+        image_size=image_size,
+        repeats=repeats,
+        out=out,
+        run=run,
+        resume=resume,
+        viz=viz,
+        seed=seed,
+    )
+
+
+@app.command("flops")
+def flops_cmd(
+    model: str = typer.Option("dinov2-s", help="'dinov2-s' or a local Hugging Face model directory"),
+    method: str = typer.Option("tome", help="method name"),
+    budget: float = typer.Option(0.5, help="target fraction of the encoder's FLOPs"),
+    image_size: int = typer.Option(224, help="input size in pixels"),
+) -> None:
+    """Analytic FLOPs, full vs reduced, and the schedule the budget solves into."""
+    from . import apply, explain, remove
+    from .adapters.base import find_adapter
+    from .bench.main import load_model
+    from .flops import encoder_flops
+
+    m = load_model(model, image_size).encoder
+    a = find_adapter(m)
+    n = (image_size // a.patch[0]) * (image_size // a.patch[1])
+    full = encoder_flops([n + a.num_protected] * a.dims.num_layers, n, a.dims)
+    apply(m, method, flops=budget, image_size=image_size)
+    plan = explain(m)["applied"]
+    remove(m)
+    typer.echo(
+        f"model {model} at {image_size}px: {n} patches + {a.num_protected} protected, {a.dims.num_layers} layers"
+    )
+    typer.echo(f"full:    {full / 1e9:.3f} GFLOPs per image")
+    typer.echo(
+        f"{method}: {full * plan['flops_fraction'] / 1e9:.3f} GFLOPs per image "
+        f"({plan['flops_fraction']:.3f} of full, target {budget})"
+    )
+    typer.echo(f"schedule: {plan['schedule']}")
+    typer.echo(f"tokens entering each layer: {plan['tokens_per_layer']}; leaving: {plan['tokens_out']}")
+
+
+def _register_viz() -> None:
+    from .cli_viz import viz_cmd
+
+    app.command("viz")(viz_cmd)
+
+
+_register_viz()
+
+
 def main() -> None:
     app()
 

