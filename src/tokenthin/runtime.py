@@ -264,7 +264,7 @@ class Runtime:
         st.source = assign.compose_source(src, plan)
         st.pristine = False
         padded = not bool(st.valid.all())
-        merged = bool((size_new[st.valid] != 1).any())
+        merged = bool(((size_new != 1) & st.valid).any())
         if padded or (merged and self.prop_attn):
             logs = size_new.clamp_min(1e-6).log() if self.prop_attn else torch.zeros_like(size_new)
             st.bias = logs.masked_fill(~st.valid, torch.finfo(torch.float32).min / 2)

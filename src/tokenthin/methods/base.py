@@ -61,17 +61,25 @@ class ReduceInput:
     calibrating: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (self.valid, self.num_protected)
+        cache = self.__dict__.get("_cache")
+        if cache is None or cache[0][0] is not key[0] or cache[0][1] != key[1]:
+            c = self.valid.clone()
+            c[:, : self.num_protected] = False
+            cache = (key, c, c.sum(1))
+            self.__dict__["_cache"] = cache
+        return cache[1], cache[2]
+
     @property
     def candidates(self) -> torch.Tensor:
-        """(B, N) tokens that may be merged or dropped: valid and not protected."""
-        c = self.valid.clone()
-        c[:, : self.num_protected] = False
-        return c
+        """(B, N) tokens that may be merged or dropped: valid and not protected (computed once per input)."""
+        return self._cached()[0]
 
     @property
     def counts(self) -> torch.Tensor:
         """(B,) number of candidate tokens per sample."""
-        return self.candidates.sum(1)
+        return self._cached()[1]
 
     def keys(self) -> torch.Tensor:
         return self.signals.keys(self.layer)

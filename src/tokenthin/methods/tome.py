@@ -29,9 +29,10 @@ from .base import Method, Plan, ReduceInput, register
 def merge_rounds(inp: ReduceInput, keep: torch.Tensor, metric: torch.Tensor) -> Plan:
     """Bipartite matching repeated until each sample keeps ``keep`` candidates; one combined plan."""
     cand = inp.candidates
-    r_left = cand.sum(1) - keep
-    if int(r_left.max()) <= (cand.sum(1) // 2).min():
-        return match(metric, r_left, cand)
+    r_left = inp.counts - keep
+    r_max = int(r_left.max())
+    if r_max <= int(inp.counts.min()) // 2:  # one round suffices
+        return match(metric, r_max if r_max == int(r_left.min()) else r_left, cand)
     # several rounds: compose the partial assignments into one keep/target pair on the original tokens
     b, n = cand.shape
     owner = torch.arange(n, device=cand.device).expand(b, n).clone()  # token -> its representative token

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import torch
 
 
+CHECKS = True  # validate plans (cheap; the benchmarks leave it on)
+
+
 @dataclass
 class Assignment:
     """Where every current token goes: ``dst`` (B, N) slot index or -1; ``n_out`` slots (padded)."""
@@ -46,7 +49,7 @@ def build(keep: torch.Tensor, target: torch.Tensor | None = None) -> Assignment:
         if bool(moving.any()):
             merges = True
             tgt = target.clamp(min=0)
-            if not bool(keep.gather(1, tgt)[moving].all()):
+            if CHECKS and not bool(keep.gather(1, tgt)[moving].all()):
                 raise ValueError("a merge target must be a kept token")
             dst = torch.where(moving, slot.gather(1, tgt), dst)
     slot_src = torch.zeros(b, n_out, dtype=torch.long, device=keep.device)
@@ -74,26 +77,29 @@ def rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply an assignment: returns (x_out (B, n_out, D), size_out (B, n_out)).
 
-    A pure selection copies the kept rows exactly. With merges, every slot is the size-weighted mean of its
-    tokens, accumulated in at least float32 (a slot that received nothing may differ from its token by rounding
-    when its size is not 1). Padded slots (beyond a sample's count) are zero with size 0.
+    Kept rows are copied exactly; a slot that receives merged tokens becomes the size-weighted mean of its tokens,
+    accumulated in at least float32, and only those rows are computed. Padded slots (beyond a sample's count) are
+    zero with size 0.
     """
     b, n, d = x.shape
     out = rows(x, a.slot_src)
     own = size.gather(1, a.slot_src)
+    size_out = own.clone()
     if a.merges:
+        # only the slots that receive merged tokens change: work on those rows alone
         acc_t = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in float32
         moved = (a.dst >= 0) & ~_kept_mask(a, n)
         bi, ti = moved.nonzero(as_tuple=True)  # every merged token: (sample, token)
         flat_dst = bi * a.n_out + a.dst[bi, ti]
+        hit, where = torch.unique(flat_dst, return_inverse=True)  # receiving slots, and each token's one
+        out_flat, own_flat = out.view(b * a.n_out, d), own.reshape(-1)
         w = size[bi, ti].to(acc_t)
-        size_out = own.to(acc_t).reshape(-1).index_add(0, flat_dst, w).view(b, a.n_out)
-        acc = (out.to(acc_t) * own.to(acc_t).unsqueeze(-1)).view(b * a.n_out, d)
-        acc.index_add_(0, flat_dst, x[bi, ti].to(acc_t) * w.unsqueeze(-1))
-        out = (acc.view(b, a.n_out, d) / size_out.clamp_min(1e-12).unsqueeze(-1)).to(x.dtype)
-        size_out = size_out.to(size.dtype)
-    else:
-        size_out = own.clone()
+        w_hit = own_flat[hit].to(acc_t).index_add(0, where, w)
+        num = (out_flat[hit].to(acc_t) * own_flat[hit].to(acc_t).unsqueeze(-1)).index_add_(
+            0, where, x[bi, ti].to(acc_t) * w.unsqueeze(-1)
+        )
+        out_flat[hit] = (num / w_hit.unsqueeze(-1)).to(x.dtype)
+        size_out.view(-1)[hit] = w_hit.to(size.dtype)
     pad = torch.arange(a.n_out, device=x.device).unsqueeze(0) >= a.counts.unsqueeze(1)
     if bool(pad.any()):
         out = out.masked_fill(pad.unsqueeze(-1), 0)

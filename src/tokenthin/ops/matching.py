@@ -21,8 +21,8 @@ def alternate_split(n: int, device: torch.device | None = None) -> tuple[torch.T
 
 def edge_scores(
     metric: torch.Tensor,
-    a_idx: torch.Tensor,
-    b_idx: torch.Tensor,
+    a_idx: torch.Tensor | slice,
+    b_idx: torch.Tensor | slice,
     a_ok: torch.Tensor,
     b_ok: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +33,11 @@ def edge_scores(
     A tokens that may not merge get -inf.
     """
     m = normalize(metric)
-    bi = torch.arange(m.shape[0], device=m.device).unsqueeze(1)
-    scores = m[bi, a_idx] @ m[bi, b_idx].transpose(-1, -2)
+    if isinstance(a_idx, slice) and isinstance(b_idx, slice):  # ToMe's split: strided views, no copies
+        scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
+    else:
+        bi = torch.arange(m.shape[0], device=m.device).unsqueeze(1)
+        scores = m[bi, a_idx] @ m[bi, b_idx].transpose(-1, -2)
     scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
     best, best_j = scores.max(dim=-1)
     best = best.masked_fill(~a_ok, -torch.inf)
@@ -59,15 +62,23 @@ def match(
     bsz, n, _ = metric.shape
     dev = metric.device
     if a_idx is None or b_idx is None:
+        a_ok, b_ok = candidates[:, 0::2], candidates[:, 1::2]
+        best, best_j = edge_scores(metric, slice(0, None, 2), slice(1, None, 2), a_ok, b_ok)
         a1, b1 = alternate_split(n, dev)
         a_idx, b_idx = a1.expand(bsz, -1), b1.expand(bsz, -1)
-    a_ok = candidates.gather(1, a_idx)
-    b_ok = candidates.gather(1, b_idx)
-    best, best_j = edge_scores(metric, a_idx, b_idx, a_ok, b_ok)
-    order = best.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand(bsz, -1))
-    r_t = torch.as_tensor(r, device=dev).reshape(-1, 1) if not isinstance(r, int) else r
-    chosen = (rank < r_t) & torch.isfinite(best)
+    else:
+        a_ok = candidates.gather(1, a_idx)
+        b_ok = candidates.gather(1, b_idx)
+        best, best_j = edge_scores(metric, a_idx, b_idx, a_ok, b_ok)
+    if isinstance(r, int):  # one r for the batch: top-k of the edges (ties: lowest index, as a stable sort)
+        chosen = torch.zeros_like(best, dtype=torch.bool)
+        if r > 0:
+            chosen.scatter_(1, best.topk(min(r, best.shape[1]), dim=-1, sorted=False).indices, True)
+        chosen &= torch.isfinite(best)
+    else:
+        order = best.argsort(dim=-1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=dev).expand(bsz, -1))
+        chosen = (rank < torch.as_tensor(r, device=dev).reshape(-1, 1)) & torch.isfinite(best)
     if threshold is not None:
         thr = torch.as_tensor(threshold, device=dev, dtype=best.dtype).reshape(-1, 1)
         chosen = chosen & (best > thr)

@@ -10,12 +10,12 @@ Conventions shared by the greedy selectors:
 
 * Features may have any float dtype and live on any device; similarities are computed in
   float32 on the features' device.
-* The pairwise similarity matrix is built sample by sample: one GEMM per sample on freshly
-  allocated copies of that sample's features, not one batched GEMM on slices. BLAS may add
-  up the dot products in a different order for a batched call or for operands at another
-  memory alignment, so two duplicate tokens could tie when a sample runs alone and not
-  inside a batch. Built this way a sample's selection is bitwise independent of the rest of
-  the batch.
+* The pairwise similarity matrix is built sample by sample: one GEMM per sample on
+  64-byte-aligned contiguous operands (a slice of the batch is copied only when it is not
+  aligned), not one batched GEMM. BLAS may add up the dot products in a different order for
+  a batched call or for operands at another memory alignment, so two duplicate tokens could
+  tie when a sample runs alone and not inside a batch. Built this way a sample's selection
+  is bitwise independent of the rest of the batch (checked by the tests).
 * Every selection step is one batched tensor op over ``(B, N)``; the only Python loop runs
   over the ``k`` steps.
 * Ties are broken by the lowest token index (``torch.argmax`` returns the first maximum).
@@ -111,22 +111,30 @@ def _empty(candidates: torch.Tensor, k: int = 0) -> torch.Tensor:
 def _per_sample_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b^T`` for (B, M, D) x (B, N, D) -> (B, M, N), one GEMM per sample.
 
-    One GEMM per sample (instead of one batched GEMM), on operands copied to fresh buffers,
-    keeps every sample's result bitwise identical to running that sample alone: BLAS
-    libraries may sum in a different order for a batched call, and (MKL) for operands at a
-    different memory alignment, which a slice of a batch generally is. See the module
-    docstring.
+    One GEMM per sample (instead of one batched GEMM), on 64-byte-aligned operands, keeps
+    every sample's result bitwise identical to running that sample alone: BLAS libraries may
+    sum in a different order for a batched call, and (MKL) for operands at a different memory
+    alignment, which a slice of a batch can be. See the module docstring.
     """
+    if a.shape[0] == 1:
+        return torch.mm(_aligned(a[0]), _aligned(b[0]).transpose(0, 1)).unsqueeze(0)
     out = torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)
     for i in range(a.shape[0]):  # loop over samples, not tokens
-        out[i].copy_(torch.mm(a[i].clone(), b[i].clone().transpose(0, 1)))
+        out[i].copy_(torch.mm(_aligned(a[i]), _aligned(b[i]).transpose(0, 1)))
     return out
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if it is contiguous and 64-byte aligned (as a fresh allocation is), else a copy."""
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _cosine_distance(x: torch.Tensor) -> torch.Tensor:
     """(B, N, D) -> (B, N, N) float32 cosine distance ``1 - cos``; entry [i, j] = d(i, j)."""
     xn = normalize(x)
-    return 1.0 - _per_sample_matmul(xn, xn)
+    return _per_sample_matmul(xn, xn).neg_().add_(1.0)  # == 1 - cos, bit for bit, in place
 
 
 def _ascending(idx: torch.Tensor) -> torch.Tensor:
@@ -246,10 +254,11 @@ def max_min_diversity(x: torch.Tensor, k: int, candidates: torch.Tensor) -> torc
         return _empty(candidates)
     dist = _cosine_distance(x)
     # Nearest eligible other token of every token j: min over rows i (eligible, i != j).
-    others = dist.masked_fill(~candidates.unsqueeze(-1), math.inf)
-    others.diagonal(dim1=1, dim2=2).fill_(math.inf)
-    isolation = others.amin(dim=1)
-    del others
+    # Done in place: the traversal only reads rows of selected (eligible) tokens, and a
+    # token's own diagonal entry only matters once it is selected, when it is masked anyway.
+    dist.masked_fill_(~candidates.unsqueeze(-1), math.inf)
+    dist.diagonal(dim1=1, dim2=2).fill_(math.inf)
+    isolation = dist.amin(dim=1)
     first = isolation.masked_fill(~candidates, -math.inf).argmax(dim=1)
     return _farthest_first(dist, candidates, first, k)
 
@@ -261,10 +270,11 @@ def k_center_greedy(
 
     This is the token-selection stage of ToDRE v1 (arXiv 2505.18757v1, "a greedy k-center
     algorithm to select and retain a small subset of diverse visual tokens after the vision
-    encoder"); ToDRE v2 replaced it with greedy max-sum diversification.
+    encoder"); ToDRE v2 replaced it with greedy max-sum diversification. Which token ToDRE
+    seeds the traversal with is not fixed here: pass it as ``first``.
 
-    Start: ``first`` (B,) if given (it must be eligible; pass e.g. the argmax of a
-    CLS-attention score to seed from the most important token). When ``first`` is None the
+    Start: ``first`` (B,) if given (it must be eligible; e.g. the argmax of a CLS-attention
+    score seeds from the most important token). When ``first`` is None the
     start is the eligible token nearest the mean of the eligible tokens: the mean ``m`` of
     the L2-normalised eligible features, and the token maximising ``cos(x_i, m)`` - the most
     central token.
@@ -311,7 +321,7 @@ def _greedy_coverage_token_major(cover_t: torch.Tensor, k: int, candidates: torc
     With the references innermost, every token's gain is a contiguous row sum, added up in
     exactly the order of a 1-D sum over that token's M values.
     """
-    B, N, M = cover_t.shape
+    B, _, M = cover_t.shape
     rows = torch.arange(B, device=candidates.device)
     avail = candidates.clone()
     covered = torch.zeros(B, 1, M, dtype=cover_t.dtype, device=cover_t.device)
