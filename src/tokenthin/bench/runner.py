@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .. import api
 from ..adapters.base import find_adapter
+from ..errors import TokenThinError
 from ..flops import encoder_flops
 from ..methods.base import all_methods
 from .store import ResultStore, config_key, environment
@@ -349,6 +350,11 @@ class Runner:
     def run_all(self) -> list[dict]:
         combos = [(m, b) for b in self.cfg.budgets for m in self.cfg.methods]
         out = []
+        self.skipped: list[str] = []
         for m, b in tqdm(combos, desc="bench", unit="config"):
-            out.extend(self.measure(m, b))
+            try:
+                out.extend(self.measure(m, b))
+            except TokenThinError as e:  # e.g. a budget this method cannot reach on this model: say so, go on
+                self.skipped.append(f"{m} at {b}: {e}")
+                tqdm.write(f"skipped {m} at {b:.2f} FLOPs: {e}")
         return out

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 CHECKS = True  # validate plans (cheap; the benchmarks leave it on)
 
 
