@@ -196,5 +196,8 @@ def explain(model: nn.Module) -> dict[str, Any]:
             "tokens_per_layer": counts,
             "tokens_out": n_out,
             "flops_fraction": _budget.flops_fraction(s, a.dims, grid, ip),
+            # dynamic methods (dtome) keep a different count per image: the figures above are the planned r
+            # schedule's, the real counts of a call are in tokenthin.info(model).sample_tokens
+            "dynamic": rt.method.dynamic,
         }
     return out
