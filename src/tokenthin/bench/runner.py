@@ -16,12 +16,10 @@ run resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +32,7 @@ from ..adapters.base import find_adapter
 from ..errors import TokenThinError
 from ..flops import encoder_flops
 from ..methods.base import all_methods
+from .memory import peak_memory
 from .store import ResultStore, config_key, environment
 
 BASELINES = ("random", "pool", "downsample")
@@ -101,38 +100,6 @@ def knn_accuracy(
     votes = torch.zeros(test.shape[0], int(train_y.max()) + 1)
     votes.scatter_add_(1, train_y[idx], (top / t).exp())
     return (votes.argmax(1) == test_y).float().mean().item()
-
-
-def _vmhwm_kib() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
-    """Peak memory of the block in MiB: CUDA's allocator peak, or on CPU the process's peak resident set (reset
-    through /proc/self/clear_refs) above what was resident before."""
-    res: dict[str, float | None] = {"mb": None}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        yield res
-        res["mb"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        before = _vmhwm_kib()
-    except OSError:
-        before = None
-    yield res
-    after = _vmhwm_kib()
-    if before is not None and after is not None:
-        res["mb"] = max(0, after - before) / 1024
 
 
 # ----------------------------------------------------------------------------- runner
@@ -328,9 +295,9 @@ class Runner:
             t_meas = timed(reduced)
         finally:
             rt.measure = False
-        with peak_memory(self.device) as mem_red:
+        with peak_memory(self.device, exclude=(xb,)) as mem_red:
             reduced()
-        with peak_memory(self.device) as mem_full:
+        with peak_memory(self.device, exclude=(xb,)) as mem_full:
             full()
         info = api.info(enc)
         return {
