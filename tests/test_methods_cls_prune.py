@@ -238,7 +238,7 @@ def _visionzip_reference(state: dict, images: torch.Tensor, k: int, dominant: fl
     """VisionZip written out from eager attention maps and the last layer's captured keys (CLIP: no final norm)."""
     eager = build("clip", "eager", seed=1)
     eager.load_state_dict(state)
-    last = eager.encoder.layers[-1].self_attn
+    last = getattr(eager, "vision_model", eager).encoder.layers[-1].self_attn
     keys = {}
     h = last.k_proj.register_forward_hook(lambda _m, _a, out: keys.setdefault("k", out))
     res = run(eager, images, output_attentions=True)

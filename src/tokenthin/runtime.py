@@ -205,7 +205,7 @@ class Runtime:
             st.tokens.append(hs.shape[1])
             st.sample_tokens.append(st.valid.sum(1).tolist() if st.valid is not None else [hs.shape[1]] * hs.shape[0])
             st.bias_at[i] = st.bias
-            if st.bias is None:
+            if st.bias is None or not getattr(self.adapter, "layer_takes_mask", True):
                 return None
             mask = st.bias.to(hs.dtype).view(hs.shape[0], 1, 1, -1)
             if len(args) >= 2:

@@ -1,11 +1,13 @@
 """Hugging Face ViT-like vision encoders: ViT, DeiT, DINOv2 (with and without registers), CLIP and SigLIP vision
 towers, also inside their composite models (``CLIPModel``, ``SiglipModel``, ``*ForImageClassification``).
 
-Seams (transformers 5.x, checked on 5.23): the encoder runs ``hidden_states = layer(hidden_states, attention_mask,
-**kwargs)`` and every attention implementation adds ``attention_mask`` to its logits. A forward pre-hook on each
+Seams (transformers 5.9+ ViT/DeiT, 5.18+ DINOv2, every CLIP/SigLIP): the encoder runs ``hidden_states =
+layer(hidden_states, attention_mask, **kwargs)`` and every attention implementation adds ``attention_mask`` to its
+logits. A forward pre-hook on each
 layer hands it the additive key bias (log token size, large negative for padding), a forward hook on a layer
 replaces its output by the reduced tokens, and forward hooks on the query/key projections capture what scores
-need. No forward body is copied. transformers 4.x is not supported: its ViT/DINOv2 layers take no attention mask.
+need. No forward body is copied. Older layers (4.57 - 5.17) take no additive mask: there the
+bias goes through a registered attention function instead (:class:`_BiasedAttention`).
 
 SigLIP's attention-pooling head (``nn.MultiheadAttention``) receives the same key bias through its ``attn_mask``.
 """
@@ -70,11 +72,19 @@ class HFVisionAdapter(Adapter):
         self.patch = _pair(cfg.patch_size)
         self.image_size = _pair(cfg.image_size)
         self._root_params = set(inspect.signature(root.forward).parameters)
-        mlp = self.layers[0].mlp
+        layer0 = self.layers[0]
+        mlp = getattr(layer0, "mlp", None)
         if hasattr(mlp, "gate_proj"):
             mlp_hidden, mats = mlp.gate_proj.out_features, 3
-        else:
+        elif hasattr(mlp, "weights_in"):  # Dinov2SwiGLUFFN before transformers 5.18: fused gate+up
+            mlp_hidden, mats = mlp.weights_in.out_features // 2, 3
+        elif mlp is not None:
             mlp_hidden, mats = mlp.fc1.out_features, 2
+        else:  # ViT/DeiT before transformers 5.9: layer.intermediate.dense / layer.output.dense
+            mlp_hidden, mats = layer0.intermediate.dense.out_features, 2
+        # transformers 5.9 (ViT, DeiT) / 5.18 (DINOv2) and CLIP/SigLIP: the layer takes the additive mask.
+        # Older layers hard-code None (5.x) or take a multiplicative head_mask (4.x): bias via the attention fn.
+        self.layer_takes_mask = "attention_mask" in inspect.signature(layer0.forward).parameters
         head, head_mlp = "none", 0
         if getattr(root, "pooler", None) is not None and hasattr(root.pooler, "dense"):
             head = "dense"
@@ -133,11 +143,12 @@ class HFVisionAdapter(Adapter):
             kwargs["interpolate_pos_encoding"] = True
         return args, kwargs
 
-    def extra_hooks(self, runtime: Any) -> list[torch.utils.hooks.RemovableHandle]:
+    def extra_hooks(self, runtime: Any) -> list[Any]:
+        handles: list[Any] = [] if self.layer_takes_mask else [_BiasedAttention(self.config, runtime)]
         head = getattr(self.root, "head", None) if getattr(self.root, "use_head", False) else None
         mha = getattr(head, "attention", None)
         if not isinstance(mha, nn.MultiheadAttention):
-            return []
+            return handles
         heads = mha.num_heads
 
         def add_bias(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -151,7 +162,7 @@ class HFVisionAdapter(Adapter):
             kwargs["attn_mask"] = mask.reshape(b * heads, q.shape[1], n)
             return args, kwargs
 
-        return [mha.register_forward_pre_hook(add_bias, with_kwargs=True)]
+        return [*handles, mha.register_forward_pre_hook(add_bias, with_kwargs=True)]
 
     def touched(self) -> list[str]:
         names = {m: n for n, m in self.top.named_modules()}
@@ -161,3 +172,52 @@ class HFVisionAdapter(Adapter):
             out.append(f"{names[layer]} (mask pre-hook; output hook at reduction points)")
             out.append(f"{names[q]}, {names[k]} (output capture where a method needs scores)")
         return out
+
+
+class _BiasedAttention:
+    """Key-bias seam for layers that take no additive mask: routes the model's attention calls through a
+    registered attention function that adds the runtime's current bias, then calls the original function.
+    ``remove()`` restores the config and unregisters, like a hook handle."""
+
+    def __init__(self, config: Any, runtime: Any) -> None:
+        import sys
+
+        import transformers
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        from ..errors import TokenThinError
+
+        self.config, self.orig = config, config._attn_implementation or "eager"
+        self.name = f"tokenthin_{id(self):x}"
+        # 4.x ViT/DeiT/DINOv2 eager multiplies the probabilities by a head mask; SigLIP's eager of the same
+        # release is the identical computation with the additive mask
+        legacy = int(transformers.__version__.split(".")[0]) < 5
+        table = ALL_ATTENTION_FUNCTIONS
+
+        def base(module: nn.Module):
+            if self.orig != "eager":
+                return table[self.orig]
+            return sys.modules[type(module).__module__].eager_attention_forward
+
+        def attend(module, query, key, value, attention_mask, *args, **kwargs):
+            bias = runtime.current_bias()
+            fn = base(module)
+            if bias is not None:
+                if attention_mask is not None:
+                    raise TokenThinError("tokenthin cannot combine a caller-supplied head_mask with merging")
+                attention_mask = bias.to(query.dtype).view(bias.shape[0], 1, 1, -1)
+                if legacy and self.orig == "eager":
+                    from transformers.models.siglip import modeling_siglip
+
+                    fn = modeling_siglip.eager_attention_forward
+            return fn(module, query, key, value, attention_mask, *args, **kwargs)
+
+        table[self.name] = attend
+        self._table = table
+        config._attn_implementation = self.name
+
+    def remove(self) -> None:
+        if self.config._attn_implementation == self.name:
+            self.config._attn_implementation = self.orig
+        if self.name in self._table:
+            del self._table[self.name]

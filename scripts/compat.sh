@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run the adapter tests against another transformers release in its own venv (default: 5.17.0, the last release
+# before DINOv2's layers took an attention mask, so it exercises the attention-function seam).
+# Usage: bash scripts/compat.sh [VERSION]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version="${1:-5.17.0}"
+venv=".venv-tf-$version"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q "torch==2.13.0"
+"$venv/bin/python" -m pip install -q "transformers==$version" pytest hypothesis pillow numpy tqdm typer
+PYTHONPATH=src "$venv/bin/python" -m pytest -p no:cacheprovider tests/test_matrix.py tests/test_api.py \
+  tests/test_flops.py tests/test_methods_merge_family.py tests/test_methods_cls_prune.py
