@@ -47,7 +47,7 @@ def _attention(layer: nn.Module) -> nn.Module:
 class HFVisionAdapter(Adapter):
     families = (
         "Hugging Face ViTModel/ViTForImageClassification, DeiTModel, Dinov2Model (with and without registers), "
-        "CLIPVisionModel and the image tower of CLIPModel, SiglipVisionModel/SiglipModel (transformers 5.x)"
+        "CLIPVisionModel and the image tower of CLIPModel, SiglipVisionModel/SiglipModel (transformers 4.57 and 5.x)"
     )
 
     def __init__(self, top: nn.Module, root: nn.Module, layers: nn.ModuleList) -> None:
