@@ -75,6 +75,8 @@ class CallState:
     tokens: list[int] = field(default_factory=list)
     sample_tokens: list[list[int]] = field(default_factory=list)
     pristine: bool = True
+    sized: bool = False  # a merge happened (token sizes differ from 1)
+    n_cur: int | None = None  # tokens after the last reduction
 
 
 class _Signals(SignalSource):
@@ -271,22 +273,28 @@ class Runtime:
         keep, target = self.method.reduce(inp, keep_n)
         keep = keep.clone()
         keep[:, :P] = True
-        keep &= valid
+        if st.valid is not None:
+            keep &= valid
         if target is not None:
-            target = target.masked_fill(keep | ~valid, -1)
+            target = target.masked_fill(keep if st.valid is None else keep | ~valid, -1)
             target[:, :P] = -1
         plan = assign.build(keep, target)
         x_new, size_new = assign.merge(x, size, plan)
-        st.valid = torch.arange(plan.n_out, device=x.device).unsqueeze(0) < plan.counts.unsqueeze(1)
+        padded = not plan.uniform
+        st.valid = (
+            torch.arange(plan.n_out, device=x.device).unsqueeze(0) < plan.counts.unsqueeze(1)
+            if padded
+            else None  # None: every token is valid
+        )
         st.size = size_new
+        st.n_cur = plan.n_out
         src = st.source if st.source is not None else torch.arange(n, device=x.device).expand(b, n)
         st.source = assign.compose_source(src, plan)
         st.pristine = False
-        padded = not bool(st.valid.all())
-        merged = bool(((size_new != 1) & st.valid).any())
-        if padded or (merged and self.prop_attn):
+        st.sized = st.sized or plan.merges  # some token stands for more than one (sizes stay > 1 once merged)
+        if padded or (st.sized and self.prop_attn):
             logs = size_new.clamp_min(1e-6).log() if self.prop_attn else torch.zeros_like(size_new)
-            st.bias = logs.masked_fill(~st.valid, torch.finfo(torch.float32).min / 2)
+            st.bias = logs if st.valid is None else logs.masked_fill(~st.valid, torch.finfo(torch.float32).min / 2)
         else:
             st.bias = None
         for d in (st.q, st.k):  # signals of earlier layers are stale now
@@ -299,7 +307,11 @@ class Runtime:
         if st is None:
             return None
         P = self.adapter.num_protected
-        kept = st.valid.sum(1).tolist() if st.valid is not None else [st.tokens[-1] if st.tokens else st.n0] * st.batch
+        if st.valid is not None:
+            kept = st.valid.sum(1).tolist()
+        else:
+            n_last = st.n_cur if st.n_cur is not None else (st.tokens[-1] if st.tokens else st.n0)
+            kept = [n_last] * st.batch
         self.last = TokenInfo(
             grid=st.grid,
             num_protected=P,

@@ -31,6 +31,8 @@ class Assignment:
     counts: torch.Tensor  # (B,): slots used per sample
     n_out: int
     merges: bool  # whether any token is merged into another (False: a pure selection)
+    moving: torch.Tensor | None = None  # (B, N) the tokens merged into another one (when ``merges``)
+    uniform: bool = True  # every sample keeps n_out slots (no padding)
 
 
 def build(keep: torch.Tensor, target: torch.Tensor | None = None) -> Assignment:
@@ -39,18 +41,22 @@ def build(keep: torch.Tensor, target: torch.Tensor | None = None) -> Assignment:
         raise ValueError("keep must be a (B, N) bool tensor")
     b, n = keep.shape
     counts = keep.sum(1)
-    n_out = int(counts.max()) if b > 0 else 0
+    lo_hi = torch.aminmax(counts) if b > 0 else None
+    n_out = int(lo_hi.max) if lo_hi is not None else 0
+    uniform = lo_hi is None or int(lo_hi.min) == n_out
     slot = keep.long().cumsum(1) - 1  # slot index of kept tokens
-    dst = torch.where(keep, slot, torch.full_like(slot, -1))
-    merges = False
+    dst = slot.masked_fill(~keep, -1)
+    merges, moving = False, None
     if target is not None:
         moving = (~keep) & (target >= 0)
         if bool(moving.any()):
             merges = True
             tgt = target.clamp(min=0)
-            if CHECKS and not bool(keep.gather(1, tgt)[moving].all()):
+            if CHECKS and not bool((keep.gather(1, tgt) | ~moving).all()):
                 raise ValueError("a merge target must be a kept token")
             dst = torch.where(moving, slot.gather(1, tgt), dst)
+        else:
+            moving = None
     slot_src = torch.zeros(b, n_out, dtype=torch.long, device=keep.device)
     if n_out:
         pos = torch.arange(n, device=keep.device).expand(b, n)
@@ -58,7 +64,9 @@ def build(keep: torch.Tensor, target: torch.Tensor | None = None) -> Assignment:
         buf = torch.zeros(b, n_out + 1, dtype=torch.long, device=keep.device)
         buf.scatter_(1, idx, pos)
         slot_src = buf[:, :n_out]
-    return Assignment(dst=dst, slot_src=slot_src, counts=counts, n_out=n_out, merges=merges)
+    return Assignment(
+        dst=dst, slot_src=slot_src, counts=counts, n_out=n_out, merges=merges, moving=moving, uniform=uniform
+    )
 
 
 def select(keep_idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -80,15 +88,15 @@ def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Ten
     accumulated in at least float32, and only those rows are computed. Padded slots (beyond a sample's count) are
     zero with size 0.
     """
-    b, n, d = x.shape
+    b, _, d = x.shape
     out = rows(x, a.slot_src)
     own = size.gather(1, a.slot_src)
     size_out = own.clone()
     if a.merges:
         # only the slots that receive merged tokens change: work on those rows alone
         acc_t = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in float32
-        moved = (a.dst >= 0) & ~_kept_mask(a, n)
-        bi, ti = moved.nonzero(as_tuple=True)  # every merged token: (sample, token)
+        assert a.moving is not None
+        bi, ti = a.moving.nonzero(as_tuple=True)  # every merged token: (sample, token)
         flat_dst = bi * a.n_out + a.dst[bi, ti]
         hit, where = torch.unique(flat_dst, return_inverse=True)  # receiving slots, and each token's one
         out_flat, own_flat = out.view(b * a.n_out, d), own.reshape(-1)
@@ -99,19 +107,11 @@ def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Ten
         )
         out_flat[hit] = (num / w_hit.unsqueeze(-1)).to(x.dtype)
         size_out.view(-1)[hit] = w_hit.to(size.dtype)
-    pad = torch.arange(a.n_out, device=x.device).unsqueeze(0) >= a.counts.unsqueeze(1)
-    if bool(pad.any()):
+    if not a.uniform:
+        pad = torch.arange(a.n_out, device=x.device).unsqueeze(0) >= a.counts.unsqueeze(1)
         out = out.masked_fill(pad.unsqueeze(-1), 0)
         size_out = size_out.masked_fill(pad, 0)
     return out, size_out
-
-
-def _kept_mask(a: Assignment, n: int) -> torch.Tensor:
-    """(B, N) True for the tokens that represent a slot."""
-    kept = torch.zeros(a.dst.shape[0], n + 1, dtype=torch.bool, device=a.dst.device)
-    valid = torch.arange(a.n_out, device=a.dst.device).unsqueeze(0) < a.counts.unsqueeze(1)
-    kept.scatter_(1, torch.where(valid, a.slot_src, torch.full_like(a.slot_src, n)), True)
-    return kept[:, :n]
 
 
 def compose_source(source: torch.Tensor, a: Assignment) -> torch.Tensor:
