@@ -38,7 +38,8 @@ def edge_scores(
     else:
         bi = torch.arange(m.shape[0], device=m.device).unsqueeze(1)
         scores = m[bi, a_idx] @ m[bi, b_idx].transpose(-1, -2)
-    scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
+    if not bool(b_ok.all()):
+        scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
     best, best_j = scores.max(dim=-1)
     best = best.masked_fill(~a_ok, -torch.inf)
     return best, best_j
