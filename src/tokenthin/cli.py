@@ -73,7 +73,7 @@ def bench_cmd(
     images: int = typer.Option(16, help="images for features / saliency / timing"),
     images_dir: str = typer.Option("", help="a folder of your own images instead of the bundled ones"),
     knn_train: int = typer.Option(50, help="Fashion-MNIST train images per class for the k-NN probe"),
-    knn_test: int = typer.Option(20, help="Fashion-MNIST test images per class"),
+    knn_test: int = typer.Option(10, help="Fashion-MNIST test images per class"),
     image_size: int = typer.Option(224, help="input size in pixels"),
     repeats: int = typer.Option(3, help="timed repeats (median) per configuration"),
     out: str = typer.Option("results", help="output folder; the run goes to OUT/RUN"),
