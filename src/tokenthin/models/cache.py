@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -53,3 +55,23 @@ def load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     blob = torch.load(path, map_location="cpu", weights_only=True)
     return blob["tensors"], blob["metadata"]
+
+
+def package_version() -> str:
+    """tokenthin's installed version (cache file names carry it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tokenthin")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def source_key(path: Path) -> str:
+    """Short hash of a source file's size and mtime: a changed file gets a new cache file."""
+    st = path.stat()
+    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def has_safetensors() -> bool:
+    return importlib.util.find_spec("safetensors") is not None

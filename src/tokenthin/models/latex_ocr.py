@@ -106,7 +106,6 @@ unreduced model, not the ground truth.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -123,6 +122,9 @@ from torch import nn
 
 from tokenthin.errors import TokenThinError
 from tokenthin.models.cache import cache_dir, load_file, save_atomic
+from tokenthin.models.cache import has_safetensors as _has_safetensors
+from tokenthin.models.cache import package_version as _package_version
+from tokenthin.models.cache import source_key as _source_key
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -220,24 +222,6 @@ def _require(module: str, extra: str = "real") -> Any:
             f"`{module}` is needed for the latex-ocr model; install it (`pip install {module}` or "
             f"`pip install tokenthin[{extra}]`)"
         ) from exc
-
-
-def _package_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("tokenthin")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-def _source_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-
-
-def _has_safetensors() -> bool:
-    return importlib.util.find_spec("safetensors") is not None
 
 
 def cache_path(source: Path | None = None) -> Path:
