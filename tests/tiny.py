@@ -11,127 +11,60 @@ IMAGE = 32
 PATCH = 4
 
 
+# one tiny size for every family: 3 layers, hidden 32, 4 heads, an 8x8 patch grid
+SIZE = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
+MLP = dict(intermediate_size=64)
+
+
 def _vit(attn: str) -> nn.Module:
     from transformers import ViTConfig, ViTModel
 
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        attn_implementation=attn,
-    )
-    return ViTModel(cfg)
+    return ViTModel(ViTConfig(**SIZE, **MLP, attn_implementation=attn))
 
 
 def _vit_cls(attn: str) -> nn.Module:
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        num_labels=5,
-        attn_implementation=attn,
-    )
-    return ViTForImageClassification(cfg)
+    return ViTForImageClassification(ViTConfig(**SIZE, **MLP, num_labels=5, attn_implementation=attn))
 
 
 def _deit(attn: str) -> nn.Module:
     from transformers import DeiTConfig, DeiTModel
 
-    cfg = DeiTConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        attn_implementation=attn,
-    )
-    return DeiTModel(cfg)
+    return DeiTModel(DeiTConfig(**SIZE, **MLP, attn_implementation=attn))
 
 
 def _dinov2(attn: str) -> nn.Module:
     from transformers import Dinov2Config, Dinov2Model
 
-    cfg = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        mlp_ratio=2,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        attn_implementation=attn,
-    )
-    return Dinov2Model(cfg)
+    return Dinov2Model(Dinov2Config(**SIZE, mlp_ratio=2, attn_implementation=attn))
 
 
 def _dinov2_reg(attn: str) -> nn.Module:
     from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-    cfg = Dinov2WithRegistersConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        mlp_ratio=2,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        num_register_tokens=2,
-        attn_implementation=attn,
-    )
+    cfg = Dinov2WithRegistersConfig(**SIZE, mlp_ratio=2, num_register_tokens=2, attn_implementation=attn)
     return Dinov2WithRegistersModel(cfg)
 
 
 def _clip_vision(attn: str) -> nn.Module:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    cfg = CLIPVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        attn_implementation=attn,
-    )
-    return CLIPVisionModel(cfg)
+    return CLIPVisionModel(CLIPVisionConfig(**SIZE, **MLP, attn_implementation=attn))
 
 
 def _clip(attn: str) -> nn.Module:
     from transformers import CLIPConfig, CLIPModel
 
-    vision = dict(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=IMAGE,
-        patch_size=PATCH,
-    )
     text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100)
-    cfg = CLIPConfig(vision_config=vision, text_config=text, projection_dim=16, attn_implementation=attn)
+    cfg = CLIPConfig(vision_config={**SIZE, **MLP}, text_config=text, projection_dim=16, attn_implementation=attn)
     return CLIPModel(cfg)
 
 
 def _siglip(attn: str) -> nn.Module:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    cfg = SiglipVisionConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=IMAGE,
-        patch_size=PATCH,
-        attn_implementation=attn,
-    )
-    return SiglipVisionModel(cfg)
+    return SiglipVisionModel(SiglipVisionConfig(**SIZE, **MLP, attn_implementation=attn))
 
 
 FAMILIES: dict[str, Callable[[str], nn.Module]] = {

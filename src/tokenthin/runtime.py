@@ -55,7 +55,7 @@ class TokenInfo:
     tokens_per_layer: list[int]  # tokens entering each encoder layer (largest sample: what the batch computes)
     sample_tokens: list[list[int]]  # per layer, the valid tokens of each sample (differ only for dynamic methods)
     size: torch.Tensor | None  # (B, N_out) token sizes after the encoder (None: no reduction)
-    valid: torch.Tensor | None  # (B, N_out) False for padding
+    valid: torch.Tensor | None  # (B, N_out) False for padding; None when every sample kept the same count
     source: torch.Tensor | None  # (B, N0) original token -> output token (-1: dropped)
     kept: list[int]  # output tokens per sample (protected included)
 
@@ -124,6 +124,7 @@ class Runtime:
         self.prop_attn = prop_attn
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.last: TokenInfo | None = None
+        self._out_bias: torch.Tensor | None = None  # key bias of the last call's output tokens (cross_bias)
         self.calibrating = False
         self.measure = False  # accumulate the time spent in reductions into ``overhead_s`` (benchmarks)
         self.overhead_s = 0.0
@@ -157,9 +158,16 @@ class Runtime:
             h.remove()
         self.handles.clear()
         self._st = None
+        self._out_bias = None
 
     def current_bias(self) -> torch.Tensor | None:
         return None if self._st is None else self._st.bias
+
+    def cross_bias(self) -> torch.Tensor | None:
+        """(B, N) additive key bias for modules that read the last call's output tokens (a decoder's
+        cross-attention): log token size where merged and ``prop_attn``, a large negative number on padding; None
+        when every output token is a plain, valid one (or the output was unmerged to the full grid)."""
+        return self._out_bias
 
     # ----- hooks -----
     def _start(self, _m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -312,6 +320,7 @@ class Runtime:
         else:
             n_last = st.n_cur if st.n_cur is not None else (st.tokens[-1] if st.tokens else st.n0)
             kept = [n_last] * st.batch
+        self._out_bias = None if (self.unmerge and st.source is not None) else st.bias
         self.last = TokenInfo(
             grid=st.grid,
             num_protected=P,
