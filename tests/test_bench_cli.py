@@ -115,3 +115,11 @@ def test_bench_skips_unreachable_budgets_and_goes_on(tiny_model_dir: Path, image
     assert "skipped tome" in res.output
     rows = (tmp_path / "r" / "smoke" / "results.jsonl").read_text().splitlines()
     assert rows and all('"tome"' not in r for r in rows)
+
+
+def test_flops_command(tiny_model_dir: Path) -> None:
+    res = runner.invoke(
+        app, ["flops", "--model", str(tiny_model_dir), "--method", "tome", "--budget", "0.8", "--image-size", "32"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "GFLOPs per image" in res.output and "schedule: site=layers r=" in res.output

@@ -120,9 +120,10 @@ class Runner:
 
     # --- forward helpers
     @torch.no_grad()
-    def _encode(self, x: torch.Tensor, dense: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _encode(self, x: torch.Tensor, dense: bool, desc: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
         feats, maps = [], []
-        for xb in _batches(x, self.cfg.batch_size):
+        batches = list(_batches(x, self.cfg.batch_size))
+        for xb in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not desc):
             out = self.m.encoder(pixel_values=xb.to(self.device))
             feats.append(out.pooler_output.float().cpu())
             if dense and self.m.head is not None:
@@ -136,11 +137,11 @@ class Runner:
         if self._ref:
             return self._ref
         dense = "saliency" in self.cfg.tasks and self.m.head is not None
-        feats, maps = self._encode(self.data.images, dense)
+        feats, maps = self._encode(self.data.images, dense, "reference: images")
         self._ref = {"features": feats, "maps": maps}
         if "knn" in self.cfg.tasks and self.data.knn_train is not None and self.data.knn_test is not None:
-            tr, _ = self._encode(self.data.knn_train[0], False)
-            te, _ = self._encode(self.data.knn_test[0], False)
+            tr, _ = self._encode(self.data.knn_train[0], False, "reference: k-NN train")
+            te, _ = self._encode(self.data.knn_test[0], False, "reference: k-NN test")
             self._ref["knn_train"] = tr
             self._ref["knn_full"] = knn_accuracy(tr, self.data.knn_train[1], te, self.data.knn_test[1], self.cfg.knn_k)
         return self._ref
