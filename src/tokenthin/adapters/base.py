@@ -56,9 +56,10 @@ class Adapter:
 
 
 def adapters() -> list[type[Adapter]]:
+    from .hf_encoder_decoder import HFEncoderDecoderAdapter
     from .hf_vision import HFVisionAdapter
 
-    return [HFVisionAdapter]
+    return [HFEncoderDecoderAdapter, HFVisionAdapter]
 
 
 def find_adapter(model: object) -> Adapter:
