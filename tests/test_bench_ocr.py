@@ -39,3 +39,13 @@ def test_format_table():
     table = format_ocr_table(rows)
     assert table.count("\n") == 3 and "| tome | 0.50 | 1.00 | 0.000 | 0.90 | 1.00 | 512 |" in table
     assert "n/a: no [CLS] token" in table
+
+
+def test_bench_cli_ocr_task_validates_its_arguments() -> None:
+    from typer.testing import CliRunner
+
+    from tokenthin.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "--task", "ocr,features"])
+    flat = " ".join(res.output.replace("│", " ").split())
+    assert res.exit_code != 0 and "give --task ocr alone" in flat

@@ -64,7 +64,11 @@ def bench_cmd(
         help="'dinov2-s' (bundled real DINOv2 ViT-S/14 + saliency head) or a "
         "local Hugging Face model directory / cached model id (never downloaded)",
     ),
-    task: str = typer.Option("all", help="features | knn | saliency | cost | all (comma-separated allowed)"),
+    task: str = typer.Option(
+        "all",
+        help="features | knn | saliency | cost | all (comma-separated allowed); or ocr: the real latex-ocr model "
+        "decoding rendered formulas with 75/50/25/10% of its visual tokens (its own run)",
+    ),
     methods: str = typer.Option(
         "", help="comma-separated methods (default: every method); the baselines random, pool, downsample always run"
     ),
@@ -81,6 +85,7 @@ def bench_cmd(
     resume: bool = typer.Option(False, "--resume", help="skip rows already in OUT/RUN/results.jsonl"),
     viz: bool = typer.Option(True, help="write viz_*.png token overlays"),
     seed: int = typer.Option(0, help="random seed"),
+    formulas: int = typer.Option(12, help="ocr task: how many generated formulas to decode"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""

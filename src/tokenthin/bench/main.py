@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def run_bench(
     resume: bool,
     viz: bool,
     seed: int,
+    formulas: int = 12,
 ) -> Path:
     known = all_methods()
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or [m for m in known if m not in BASELINES]
@@ -97,9 +99,13 @@ def run_bench(
             raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
     chosen += [b for b in BASELINES if b not in chosen]
     task_list = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(","))
-    bad = [t for t in task_list if t not in TASKS]
+    bad = [t for t in task_list if t not in (*TASKS, "ocr")]
     if bad:
-        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)} or all")
+        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, all, or ocr")
+    if "ocr" in task_list:
+        if len(task_list) > 1:
+            raise typer.BadParameter("the ocr task runs on its own model (latex-ocr): give --task ocr alone")
+        return _run_ocr(chosen, budgets, out, run or "latex-ocr", formulas, repeats, seed)
     try:
         budget_list = tuple(float(b) for b in budgets.split(","))
     except ValueError as e:
@@ -165,3 +171,20 @@ def _denormalise(x: torch.Tensor):
     mean = torch.tensor(IMAGE_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGE_STD).view(3, 1, 1)
     return ((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+
+
+def _run_ocr(methods: list[str], budgets: str, out: str, run: str, formulas: int, repeats: int, seed: int) -> Path:
+    """The ocr task: the real latex-ocr model decodes rendered formulas with a fraction of its visual tokens;
+    ``--budgets`` are fractions of visual tokens kept here (default 0.75, 0.5, 0.25, 0.1)."""
+    from .ocr import format_ocr_table, run_ocr_bench
+
+    keeps = (0.75, 0.5, 0.25, 0.1) if budgets == "0.75,0.5,0.25" else tuple(float(b) for b in budgets.split(","))
+    rows = run_ocr_bench(methods, keeps=keeps, n_formulas=formulas, repeats=max(1, repeats), seed=seed)
+    out_dir = Path(out) / run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_ocr_table(rows)
+    (out_dir / "ocr.md").write_text(table + "\n")
+    (out_dir / "ocr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    typer.echo(table)
+    typer.echo(f"wrote {out_dir / 'ocr.md'}, {out_dir / 'ocr.jsonl'}")
+    return out_dir
