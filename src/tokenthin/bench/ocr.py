@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 BASELINES = ("random", "pool", "downsample")
 _GREEK = (r"\alpha", r"\beta", r"\gamma", r"\theta", r"\lambda", r"\mu", r"\pi", r"\sigma", r"\omega", r"\phi")
@@ -122,47 +123,47 @@ def run_ocr_bench(
     layers = api.explain(model)["layers"]
     names = list(dict.fromkeys([*methods, *BASELINES]))
     rows = []
-    for name in names:
-        for keep in keeps:
-            site = "input" if name == "downsample" else "output"
-            kw: dict[str, Any] = {"keep": keep, "site": site}
-            if name == "dtome":  # no keep budget: the ToMe r per layer that leaves about keep of the tokens
-                kw = {"r": max(0, round(n_tokens * (1 - keep) / layers)), "calibration": pv}
-            row: dict[str, Any] = {"method": name, "keep": keep}
+    combos = [(name, keep) for name in names for keep in keeps]
+    for name, keep in tqdm(combos, desc="ocr", unit="config"):
+        site = "input" if name == "downsample" else "output"
+        kw: dict[str, Any] = {"keep": keep, "site": site}
+        if name == "dtome":  # no keep budget: the ToMe r per layer that leaves about keep of the tokens
+            kw = {"r": max(0, round(n_tokens * (1 - keep) / layers)), "calibration": pv}
+        row: dict[str, Any] = {"method": name, "keep": keep}
+        try:
+            api.apply(model, name, **kw)
+        except TokenThinError as exc:
+            rows.append({**row, "error": str(exc).split(";")[0]})
+            continue
+        rt = api._APPLIED[model]
+        try:
             try:
-                api.apply(model, name, **kw)
-            except TokenThinError as exc:
+                out = decode()
+            except TokenThinError as exc:  # e.g. a [CLS]-scoring method on this CLS-free encoder
                 rows.append({**row, "error": str(exc).split(";")[0]})
                 continue
-            rt = api._APPLIED[model]
-            try:
-                try:
-                    out = decode()
-                except TokenThinError as exc:  # e.g. a [CLS]-scoring method on this CLS-free encoder
-                    rows.append({**row, "error": str(exc).split(";")[0]})
-                    continue
-                kept = sum(rt.last.kept) / len(rt.last.kept) if rt.last is not None else float("nan")
-                t = {True: [0.0, 0.0], False: [0.0, 0.0]}  # reduced? -> [encode s, decode s]
-                for r in range(repeats):  # alternate: the runtime's hooks come off and go back on
-                    for reduced in (r % 2 == 1, r % 2 == 0):
-                        if reduced and not rt.handles:
-                            rt.attach()
-                        elif not reduced and rt.handles:
-                            rt.detach()
-                        t[reduced][0] += _timed(encode)[1]
-                        t[reduced][1] += _timed(decode)[1]
-            finally:
-                api.remove(model)
-            rows.append(
-                {
-                    **row,
-                    "exact": sum(a == b for a, b in zip(out, full)) / len(full),
-                    "edit": sum(normalised_edit(a, b) for a, b in zip(out, full)) / len(full),
-                    "decode_time_ratio": t[True][1] / t[False][1],
-                    "encode_time_ratio": t[True][0] / t[False][0],
-                    "tokens": kept,
-                }
-            )
+            kept = sum(rt.last.kept) / len(rt.last.kept) if rt.last is not None else float("nan")
+            t = {True: [0.0, 0.0], False: [0.0, 0.0]}  # reduced? -> [encode s, decode s]
+            for r in range(repeats):  # alternate: the runtime's hooks come off and go back on
+                for reduced in (r % 2 == 1, r % 2 == 0):
+                    if reduced and not rt.handles:
+                        rt.attach()
+                    elif not reduced and rt.handles:
+                        rt.detach()
+                    t[reduced][0] += _timed(encode)[1]
+                    t[reduced][1] += _timed(decode)[1]
+        finally:
+            api.remove(model)
+        rows.append(
+            {
+                **row,
+                "exact": sum(a == b for a, b in zip(out, full)) / len(full),
+                "edit": sum(normalised_edit(a, b) for a, b in zip(out, full)) / len(full),
+                "decode_time_ratio": t[True][1] / t[False][1],
+                "encode_time_ratio": t[True][0] / t[False][0],
+                "tokens": kept,
+            }
+        )
     return rows
 
 
