@@ -49,3 +49,47 @@ def test_bench_cli_ocr_task_validates_its_arguments() -> None:
     res = CliRunner().invoke(app, ["bench", "--task", "ocr,features"])
     flat = " ".join(res.output.replace("│", " ").split())
     assert res.exit_code != 0 and "give --task ocr alone" in flat
+
+
+def test_bench_cli_ocr_passes_its_options(monkeypatch, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from tokenthin.bench import ocr
+    from tokenthin.cli import app
+
+    seen = {}
+
+    def fake(methods, keeps, n_formulas, repeats, seed):
+        seen.update(methods=methods, keeps=keeps, n=n_formulas, repeats=repeats)
+        return [
+            {
+                "method": "tome",
+                "keep": 0.5,
+                "exact": 1.0,
+                "edit": 0.0,
+                "decode_time_ratio": 0.9,
+                "encode_time_ratio": 1.0,
+                "tokens": 512,
+            }
+        ]
+
+    monkeypatch.setattr(ocr, "run_ocr_bench", fake)
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--task",
+            "ocr",
+            "--formulas",
+            "5",
+            "--methods",
+            "tome",
+            "--budgets",
+            "0.5,0.1",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    assert seen["n"] == 5 and seen["keeps"] == (0.5, 0.1) and "tome" in seen["methods"]
+    assert (tmp_path / "latex-ocr" / "ocr.md").read_text().startswith("| method |")

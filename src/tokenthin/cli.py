@@ -108,6 +108,7 @@ def bench_cmd(
         resume=resume,
         viz=viz,
         seed=seed,
+        formulas=formulas,
     )
 
 
