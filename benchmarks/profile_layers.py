@@ -55,7 +55,7 @@ def main() -> None:
     # the layer timers are registered after tokenthin's hooks, so a layer's time includes the reduction after it
     tf, hf = layer_timer(full)
     tr, hr = layer_timer(red)
-    rt = tokenthin.api._APPLIED[red]
+    rt = tokenthin.runtime_of(red)
     totals_f, totals_r = [], []
     with torch.no_grad():
         full(pixel_values=x)

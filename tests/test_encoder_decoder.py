@@ -182,7 +182,7 @@ def test_bias_reaches_cross_attention(model, pixels):
     assert (info.size[info.valid] > 1).any()
     tokenthin.apply(model, "tome", r=8, prop_attn=False, replace=True)
     _gen(model, pixels)
-    assert tokenthin.api._APPLIED[model].cross_bias() is None  # uniform counts, no proportional attention
+    assert tokenthin.runtime_of(model).cross_bias() is None  # uniform counts, no proportional attention
 
 
 @pytest.mark.parametrize("name,kw", [("tome", {"r": 8}), ("divprune", {"keep": 0.3}), ("dtome", {"r": 6})])

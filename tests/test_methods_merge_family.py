@@ -295,14 +295,14 @@ def test_dtome_calibration_merges_b_times_r(images: torch.Tensor) -> None:
     model = build("dinov2")
     r = 3
     tokenthin.apply(model, "dtome", r=r, calibration=images)
-    thresholds = tokenthin.api._APPLIED[model].method.thresholds
+    thresholds = tokenthin.runtime_of(model).method.thresholds
     assert sorted(thresholds) == list(range(LAYERS - 1))
     assert all(0.0 <= t <= 1.0 for t in thresholds.values())
     info = tokenthin.info(model)  # the calibration pass itself: batch-level, B * r merges per layer
     assert sum(info.kept) == images.shape[0] * (1 + N_PATCHES - r * (LAYERS - 1))
     # re-applying re-calibrates: a larger r gives lower thresholds
     tokenthin.apply(model, "dtome", r=2 * r, calibration=images, replace=True)
-    lower = tokenthin.api._APPLIED[model].method.thresholds
+    lower = tokenthin.runtime_of(model).method.thresholds
     assert all(lower[k] <= thresholds[k] for k in thresholds)
 
 

@@ -1,6 +1,6 @@
 """tokenthin: training-free token merging and pruning for pretrained transformers."""
 
-from .api import applied, apply, explain, info, is_applied, methods, remove
+from .api import applied, apply, explain, info, is_applied, methods, remove, runtime_of
 from .errors import (
     AlreadyAppliedError,
     BudgetError,
@@ -33,4 +33,5 @@ __all__ = [
     "is_applied",
     "methods",
     "remove",
+    "runtime_of",
 ]

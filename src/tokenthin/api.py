@@ -137,6 +137,15 @@ def is_applied(model: nn.Module) -> bool:
     return model in _APPLIED
 
 
+def runtime_of(model: nn.Module) -> Runtime:
+    """The applied :class:`~tokenthin.runtime.Runtime` (advanced: its ``method``, ``schedule``, ``detach()`` /
+    ``attach()`` to time the unreduced model in place, ``measure``/``overhead_s`` for tokenthin's own time)."""
+    rt = _APPLIED.get(model)
+    if rt is None:
+        raise NotAppliedError("tokenthin is not applied to this model")
+    return rt
+
+
 def info(model: nn.Module) -> TokenInfo:
     """What the last forward call did: token counts per layer, sizes, padding mask and source map."""
     rt = _APPLIED.get(model)

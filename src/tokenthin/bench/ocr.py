@@ -135,7 +135,7 @@ def run_ocr_bench(
         except TokenThinError as exc:
             rows.append({**row, "error": str(exc).split(";")[0]})
             continue
-        rt = api._APPLIED[model]
+        rt = api.runtime_of(model)
         try:
             try:
                 out = decode()

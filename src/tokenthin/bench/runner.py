@@ -262,7 +262,7 @@ class Runner:
     def _cost(self, flops: float) -> dict[str, Any]:
         """Time the reduced model against an unreduced forward of the same batch, alternating, same run."""
         enc = self.m.encoder
-        rt = api._APPLIED[enc]
+        rt = api.runtime_of(enc)
         xb = self.data.images[: self.cfg.batch_size].to(self.device)
         n = xb.shape[0]
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
