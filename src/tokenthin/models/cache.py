@@ -7,6 +7,8 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,3 +77,26 @@ def source_key(path: Path) -> str:
 
 def has_safetensors() -> bool:
     return importlib.util.find_spec("safetensors") is not None
+
+
+def cached_tensors(
+    path: Path, metadata: dict[str, str], convert: Callable[[], dict[str, torch.Tensor]], label: str, cache: bool = True
+) -> dict[str, torch.Tensor]:
+    """Tensors from the cache file at ``path`` when its ``format`` and ``source`` metadata match, else from
+    ``convert()`` (then written to the cache; a cache that cannot be read or written only warns)."""
+    if not cache:
+        return convert()
+    if path.is_file():
+        try:
+            tensors, found = load_file(path)
+            if all(found.get(k) == metadata[k] for k in ("format", "source")):
+                return tensors
+            warnings.warn(f"ignoring stale {label} cache {path}", stacklevel=3)
+        except Exception as exc:
+            warnings.warn(f"ignoring unreadable {label} cache {path} ({exc}); converting again", stacklevel=3)
+    tensors = convert()
+    try:
+        save_atomic(tensors, path, metadata)
+    except OSError as exc:
+        warnings.warn(f"could not write the {label} cache {path} ({exc}); continuing uncached", stacklevel=3)
+    return tensors

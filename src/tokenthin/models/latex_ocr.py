@@ -110,7 +110,6 @@ import importlib
 import importlib.util
 import json
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +120,7 @@ import torch
 from torch import nn
 
 from tokenthin.errors import TokenThinError
-from tokenthin.models.cache import cache_dir, load_file, save_atomic
+from tokenthin.models.cache import cache_dir, cached_tensors
 from tokenthin.models.cache import has_safetensors as _has_safetensors
 from tokenthin.models.cache import package_version as _package_version
 from tokenthin.models.cache import source_key as _source_key
@@ -422,23 +421,9 @@ def _converted_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
         "origin": f"latex-ocr-junia {_VERSION} assets/{_CHECKPOINT}",
         "licence": "none declared by latex-ocr-junia 0.1.3; not for redistribution",
     }
-    if not cache:
-        return convert_state_dict(_load_checkpoint(source))
-    path = cache_path(source)
-    if path.is_file():
-        try:
-            tensors, found = load_file(path)
-            if all(found.get(k) == metadata[k] for k in ("format", "source")):
-                return tensors
-            warnings.warn(f"ignoring stale latex-ocr cache {path}", stacklevel=3)
-        except Exception as exc:
-            warnings.warn(f"ignoring unreadable latex-ocr cache {path} ({exc}); converting again", stacklevel=3)
-    tensors = convert_state_dict(_load_checkpoint(source))
-    try:
-        save_atomic(tensors, path, metadata)
-    except OSError as exc:
-        warnings.warn(f"could not write the latex-ocr cache {path} ({exc}); continuing uncached", stacklevel=3)
-    return tensors
+    return cached_tensors(
+        cache_path(source), metadata, lambda: convert_state_dict(_load_checkpoint(source)), "latex-ocr", cache
+    )
 
 
 # --------------------------------------------------------------------------------------------------
