@@ -149,3 +149,15 @@ def test_pool_unmerge_is_piecewise_constant(images: torch.Tensor) -> None:
     tokenthin.apply(model, "pool", keep=16, site="output", unmerge=True)
     out = outputs(model, images)["last_hidden_state"][0, 1:].reshape(8, 8, -1)
     assert torch.equal(out[0, 0], out[1, 1]) and not torch.equal(out[0, 0], out[2, 2])
+
+
+def test_tome_beyond_half_at_one_site_merges_in_rounds(images: torch.Tensor) -> None:
+    """keep=5 of 64 patches at the output needs several bipartite rounds: exact count, batch == per sample."""
+    model = build("dinov2")
+    tokenthin.apply(model, "tome", keep=5, site="output")
+    batched = outputs(model, images)["last_hidden_state"]
+    info = tokenthin.info(model)
+    assert info.kept == [6] * images.shape[0] and torch.all(info.size.sum(1) == 65)
+    for i in range(images.shape[0]):
+        single = outputs(model, images[i : i + 1])["last_hidden_state"]
+        assert torch.allclose(batched[i : i + 1], single, atol=2e-5)

@@ -102,8 +102,7 @@ class _Signals(SignalSource):
         q, k = self._qk(layer, True)
         assert q is not None
         bias = self.st.bias_at.get(layer)
-        valid = None if self.st.valid is None else self.st.valid
-        return mean_attention(q, k, self.rt.adapter.num_heads, self.rt.adapter.scale, bias, valid)
+        return mean_attention(q, k, self.rt.adapter.num_heads, self.rt.adapter.scale, bias, self.st.valid)
 
 
 class Runtime:

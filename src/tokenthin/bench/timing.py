@@ -14,21 +14,6 @@ def _sync(device: torch.device | None) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(
-    fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: torch.device | None = None
-) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def paired_ratio(
     base: Callable[[], object],
     other: Callable[[], object],

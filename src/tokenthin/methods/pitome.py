@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..ops.matching import match
+from ..ops.matching import match, merge_in_rounds
 from ..scores.energy import energy
 from .base import Method, Param, Plan, ReduceInput, register
 
@@ -81,20 +81,5 @@ class PiToMe(Method):
         r = cand.sum(1) - keep
         if bool((r <= cand.sum(1) // 2).all()):
             return pitome_round(metric, r, cand, m, alpha)
-        # several rounds on the survivors, composed into one plan on the current tokens
-        b, n = cand.shape
-        owner = torch.arange(n, device=cand.device).expand(b, n).clone()  # token -> its surviving representative
-        alive = inp.valid.clone()
-        while int(r.max()) > 0:
-            cur = cand & alive
-            step = torch.minimum(r, cur.sum(1) // 2)
-            if int(step.max()) == 0:
-                break
-            keep_s, target_s = pitome_round(metric, step, cur, m, alpha)
-            assert target_s is not None
-            gone = cur & ~keep_s
-            owner = torch.where(gone.gather(1, owner), target_s.gather(1, owner), owner)
-            alive &= ~gone
-            r = r - step
-        target = torch.where(alive | ~inp.valid, torch.full_like(owner, -1), owner)
-        return alive, target
+        # several rounds on the survivors (energy recomputed each round), composed into one plan
+        return merge_in_rounds(inp.valid, cand, r, lambda cur, step, _alive: pitome_round(metric, step, cur, m, alpha))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.matching import match
+from ..ops.matching import match, merge_in_rounds
 from .base import Method, Plan, ReduceInput, register
 
 
@@ -33,31 +33,18 @@ def merge_rounds(inp: ReduceInput, keep: torch.Tensor, metric: torch.Tensor) -> 
     r_max = int(r_left.max())
     if r_max <= int(inp.counts.min()) // 2:  # one round suffices
         return match(metric, r_max if r_max == int(r_left.min()) else r_left, cand)
-    # several rounds: compose the partial assignments into one keep/target pair on the original tokens
-    b, n = cand.shape
-    owner = torch.arange(n, device=cand.device).expand(b, n).clone()  # token -> its representative token
-    alive = torch.ones_like(cand)
-    while int(r_left.max()) > 0:
-        cur = alive & inp.valid
-        cur_cand = cur & cand
-        r_now = torch.minimum(r_left, cur_cand.sum(1) // 2)
-        if int(r_now.max()) == 0:
-            break
-        big = torch.where(cur.unsqueeze(-1), metric, torch.zeros_like(metric))
-        order = torch.argsort((~cur).long(), dim=1, stable=True)  # alive tokens first, original order
-        packed = big.gather(1, order.unsqueeze(-1).expand_as(big))
-        keep_p, target_p = match(packed, r_now, cur_cand.gather(1, order))
-        gone = ~keep_p & cur.gather(1, order)
-        to = order.gather(1, target_p.clamp(min=0))
-        alive.scatter_(1, order, keep_p & cur.gather(1, order))
-        merged_into = torch.where(gone, to, order)
-        owner_map = torch.arange(n, device=cand.device).expand(b, n).clone()
-        owner_map.scatter_(1, order, merged_into)
-        owner = owner_map.gather(1, owner)
-        r_left = r_left - r_now
-    keep_mask = alive
-    target = torch.where(keep_mask, torch.full_like(owner, -1), owner)
-    return keep_mask, target
+
+    def one_round(cur: torch.Tensor, step: torch.Tensor, alive: torch.Tensor) -> Plan:
+        # pack the surviving tokens to the front (original order) so the alternate A/B split is re-drawn
+        present = alive & inp.valid
+        order = torch.argsort((~present).long(), dim=1, stable=True)
+        packed = metric.gather(1, order.unsqueeze(-1).expand_as(metric))
+        keep_p, target_p = match(packed, step, cur.gather(1, order))
+        keep_o = torch.empty_like(keep_p).scatter_(1, order, keep_p)
+        to = torch.where(target_p >= 0, order.gather(1, target_p.clamp(min=0)), target_p)
+        return keep_o, torch.empty_like(to).scatter_(1, order, to)
+
+    return merge_in_rounds(inp.valid, cand, r_left, one_round)
 
 
 @register

@@ -8,6 +8,8 @@ are merged into their B match. The result is returned as an assignment (keep mas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .similarity import normalize
@@ -89,3 +91,33 @@ def match(
     dst_tok = b_idx.gather(1, best_j)
     target.scatter_(1, a_idx, torch.where(chosen, dst_tok, torch.full_like(dst_tok, -1)))
     return keep, target
+
+
+def merge_in_rounds(
+    valid: torch.Tensor,
+    candidates: torch.Tensor,
+    r: torch.Tensor,
+    one_round: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``r`` (B,) tokens per sample with a matching that merges at most half of its candidates per round.
+
+    ``one_round(cur, step, alive)`` merges ``step`` (B,) of the candidates ``cur`` (B, N) (``alive``: every token
+    not merged yet) and returns (keep, target) on the original token indices. The rounds are composed into one
+    plan: each merged token's target is its final surviving representative.
+    """
+    b, n = candidates.shape
+    owner = torch.arange(n, device=candidates.device).expand(b, n).clone()  # token -> its representative
+    alive = valid.clone()
+    r = r.clone()
+    while int(r.max()) > 0:
+        cur = candidates & alive
+        step = torch.minimum(r, cur.sum(1) // 2)
+        if int(step.max()) == 0:
+            break
+        keep_s, target_s = one_round(cur, step, alive)
+        assert target_s is not None
+        gone = cur & ~keep_s
+        owner = torch.where(gone.gather(1, owner), target_s.gather(1, owner), owner)
+        alive &= ~gone
+        r = r - step
+    return alive, torch.where(alive | ~valid, torch.full_like(owner, -1), owner)
