@@ -36,3 +36,7 @@ class NotAppliedError(TokenThinError, RuntimeError):
 
 class InputMismatchError(TokenThinError, ValueError):
     """Inputs have a dtype or device the model does not (or a shape the plan cannot serve)."""
+
+
+class MissingDependencyError(TokenThinError, ImportError):
+    """An optional dependency (or a registry package holding real weights) is not installed."""

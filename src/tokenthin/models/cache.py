@@ -1,17 +1,22 @@
-"""The on-disk cache of converted weights, shared by the real-model loaders: where it lives and atomic writes."""
+"""Shared by the real-model loaders: the on-disk cache of converted weights (where it lives, atomic writes,
+validity) and optional-dependency imports."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.util
 import os
 import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from ..errors import MissingDependencyError
 
 
 def cache_dir() -> Path:
@@ -100,3 +105,14 @@ def cached_tensors(
     except OSError as exc:
         warnings.warn(f"could not write the {label} cache {path} ({exc}); continuing uncached", stacklevel=3)
     return tensors
+
+
+def require(module: str, model: str, extra: str = "real") -> Any:
+    """Import an optional dependency of a real-model loader, or fail with the install command."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"`{module}` is needed for the {model} model; install it (`pip install {module}` or "
+            f"`pip install tokenthin[{extra}]`)"
+        ) from exc

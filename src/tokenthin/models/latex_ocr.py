@@ -119,8 +119,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tokenthin.errors import TokenThinError
-from tokenthin.models.cache import cache_dir, cached_tensors
+from tokenthin.errors import MissingDependencyError, TokenThinError
+from tokenthin.models.cache import cache_dir, cached_tensors, require
 from tokenthin.models.cache import has_safetensors as _has_safetensors
 from tokenthin.models.cache import package_version as _package_version
 from tokenthin.models.cache import source_key as _source_key
@@ -183,10 +183,6 @@ class LatexOcrMissingError(TokenThinError, FileNotFoundError):
     """The latex-ocr-junia package (its checkpoint, config or vocabulary) is not installed."""
 
 
-class MissingDependencyError(TokenThinError, ImportError):
-    """An optional dependency needed for the latex-ocr model is not installed."""
-
-
 class LatexOcrConversionError(TokenThinError, ValueError):
     """The checkpoint does not have the structure this converter expects."""
 
@@ -211,16 +207,6 @@ def asset_path(name: str = _CHECKPOINT) -> Path:
         f"the latex-ocr-junia file assets/{name} is not installed{where}; install it with `{_PIP_HINT}` "
         "(its dependencies torch, numpy and pillow are tokenthin's own)"
     )
-
-
-def _require(module: str, extra: str = "real") -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"`{module}` is needed for the latex-ocr model; install it (`pip install {module}` or "
-            f"`pip install tokenthin[{extra}]`)"
-        ) from exc
 
 
 def cache_path(source: Path | None = None) -> Path:
@@ -433,7 +419,7 @@ def _converted_tensors(cache: bool = True) -> dict[str, torch.Tensor]:
 @functools.cache
 def _embeddings_class() -> type:
     """:class:`LatexOcrEmbeddings`, built on first use so that importing this module needs no transformers."""
-    _require("transformers", extra="hf")
+    require("transformers", "latex-ocr", extra="hf")
     from transformers.models.ijepa.modeling_ijepa import IJepaEmbeddings
 
     class LatexOcrEmbeddings(IJepaEmbeddings):
@@ -485,7 +471,7 @@ def _pair(v: Any) -> tuple[int, int]:
 
 
 def _configs(attn_implementation: str) -> tuple[Any, Any]:
-    transformers = _require("transformers", extra="hf")
+    transformers = require("transformers", "latex-ocr", extra="hf")
     cfg = _model_config()
     hidden, heads, mlp = int(cfg["d_model"]), int(cfg["num_heads"]), int(cfg["mlp_dim"])
     encoder = transformers.IJepaConfig(
@@ -533,7 +519,7 @@ def _configs(attn_implementation: str) -> tuple[Any, Any]:
 
 
 def _build(attn_implementation: str) -> VisionEncoderDecoderModel:
-    transformers = _require("transformers", extra="hf")
+    transformers = require("transformers", "latex-ocr", extra="hf")
     enc_cfg, dec_cfg = _configs(attn_implementation)
     encoder = transformers.IJepaModel(enc_cfg, add_pooling_layer=False)
     encoder.embeddings = _embeddings_class()(enc_cfg)
@@ -606,7 +592,7 @@ def generate_ids(
     ``<eos>``, finished rows padded with ``<pad>`` here instead of ``<eos>``). Extra keyword arguments go
     to ``generate``.
     """
-    transformers = _require("transformers", extra="hf")
+    transformers = require("transformers", "latex-ocr", extra="hf")
     if not 1 <= max_new_tokens <= MAX_LENGTH - 1:
         raise ValueError(f"max_new_tokens must be in [1, {MAX_LENGTH - 1}] (the decoder has {MAX_LENGTH} positions)")
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 1:
@@ -703,7 +689,7 @@ def render_math(latex: str, fontsize: float = 12.0, dpi: int = 200, margin: floa
     """
     from PIL import Image
 
-    _require("matplotlib", extra="bench")
+    require("matplotlib", "latex-ocr", extra="bench")
     from matplotlib import rc_context
     from matplotlib.font_manager import FontProperties
     from matplotlib.mathtext import MathTextParser
