@@ -12,11 +12,18 @@ from torch import nn
 
 from . import budget as _budget
 from .adapters.base import find_adapter
-from .errors import AlreadyAppliedError, InputMismatchError, NotAppliedError, TokenThinError
+from .errors import (
+    AlreadyAppliedError,
+    BudgetError,
+    InputMismatchError,
+    NotAppliedError,
+    TokenThinError,
+    UnsupportedModelError,
+)
 from .methods.base import all_methods, get
 from .runtime import Runtime, TokenInfo
 
-_APPLIED: weakref.WeakKeyDictionary[nn.Module, Runtime] = weakref.WeakKeyDictionary()
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # Runtime | VLMRuntime
 
 
 def apply(
@@ -55,6 +62,14 @@ def apply(
     cls = get(method)
     m = cls(**params)
     adapter = find_adapter(model)
+    if getattr(adapter, "kind", "") == "vlm":
+        return _apply_vlm(model, adapter, cls, m, r=r, keep=keep, flops=flops, site=site, unmerge=unmerge,
+                          calibration=calibration, image_size=image_size)
+    if "llm" in cls.sites and not ({"layers", "layer", "output", "input"} & set(cls.sites)):
+        raise UnsupportedModelError(
+            f"method '{cls.name}' works inside a language model; {type(model).__name__} has none. Apply it to a "
+            "vision-language model (e.g. LlavaForConditionalGeneration)"
+        )
     if image_size is not None:
         adapter.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     grid = (adapter.image_size[0] // adapter.patch[0], adapter.image_size[1] // adapter.patch[1])
@@ -93,6 +108,38 @@ def apply(
     except BaseException:
         remove(model)
         raise
+    return model
+
+
+def _apply_vlm(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> nn.Module:
+    from .vlm import VLMRuntime, VLMSchedule, parse_vlm_site
+
+    if kw["r"] is not None or kw["flops"] is not None:
+        raise BudgetError(
+            "on a vision-language model give keep= (a fraction of each prompt's visual tokens, or a count); "
+            "r= and flops= budget a vision encoder's layers"
+        )
+    if kw["keep"] is None:
+        raise BudgetError("give a budget: keep= (a fraction in (0, 1] of each prompt's visual tokens, or a count)")
+    keep = kw["keep"]
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise BudgetError(f"keep={keep!r}: give a fraction in (0, 1] or a positive count")
+    if isinstance(keep, float) and not 0 < keep <= 1:
+        raise BudgetError(f"keep={keep} is out of range: a fraction must be in (0, 1] (or give a count)")
+    if isinstance(keep, int) and keep < 1:
+        raise BudgetError(f"keep={keep}: a count must be at least 1")
+    if kw["unmerge"] or kw["calibration"] is not None or kw["image_size"] is not None or cls.kind == "input":
+        raise TokenThinError(
+            f"unmerge=, calibration=, image_size= and input-site methods apply to vision encoders; "
+            f"'{cls.name}' on {type(model).__name__} takes keep= and site= ('output' or 'llm:k')"
+        )
+    if hasattr(m, "calibrate"):
+        raise TokenThinError(f"method '{cls.name}' calibrates on images and is not supported on VLMs yet")
+    default = cls.default_site if cls.default_site.startswith("llm") else "output"
+    where, layer = parse_vlm_site(kw["site"], default, len(adapter.lm_layers), cls)
+    rt = VLMRuntime(model, adapter, m, VLMSchedule(site=where, keep=keep, layer=layer))
+    rt.attach()
+    _APPLIED[model] = rt
     return model
 
 

@@ -58,8 +58,9 @@ class Adapter:
 def adapters() -> list[type[Adapter]]:
     from .hf_encoder_decoder import HFEncoderDecoderAdapter
     from .hf_vision import HFVisionAdapter
+    from .hf_vlm import HFLlavaAdapter
 
-    return [HFEncoderDecoderAdapter, HFVisionAdapter]
+    return [HFLlavaAdapter, HFEncoderDecoderAdapter, HFVisionAdapter]  # type: ignore[list-item]
 
 
 def find_adapter(model: object) -> Adapter:

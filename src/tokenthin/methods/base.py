@@ -44,6 +44,9 @@ class SignalSource:
     def mean_attention(self, layer: int) -> torch.Tensor:  # (B, N)
         raise NotImplementedError
 
+    def last_token_attention(self, layer: int) -> torch.Tensor:  # (B, N) inside a language model only
+        raise TokenThinError("this signal exists only inside a language model (site 'llm:k')")
+
 
 @dataclass
 class ReduceInput:
@@ -84,8 +87,14 @@ class ReduceInput:
     def keys(self) -> torch.Tensor:
         return self.signals.keys(self.layer)
 
+    @property
+    def has_cls(self) -> bool:
+        """A [CLS] token exists: among the protected tokens, or outside ``x`` (a VLM drops it from the visual
+        tokens the language model reads but its attention is still available)."""
+        return self.num_protected >= 1 or bool(getattr(self.signals, "has_cls", False))
+
     def cls_attention(self, layer: int | None = None) -> torch.Tensor:
-        if self.num_protected < 1:
+        if not self.has_cls:
             raise TokenThinError(
                 "this model has no [CLS] token; use a method that scores without one "
                 "(e.g. 'divprune', 'kcenter', 'coverage', 'tome') or a mean-attention variant"

@@ -75,7 +75,7 @@ class VisionZip(Method):
     def _score(self, inp: ReduceInput) -> torch.Tensor:
         if self.p["score"] == "mean":
             return inp.mean_attention()
-        if inp.num_protected < 1:
+        if not inp.has_cls:
             raise TokenThinError(
                 "this model has no [CLS] token; VisionZip then scores dominant tokens by the attention they "
                 "receive, as the paper does for SigLIP: pass score='mean'"

@@ -1,0 +1,636 @@
+"""Runtime for vision-language hosts: visual tokens reduced before the language model (``site="output"``) or
+inside it after decoder layer k (``site="llm:k"``), with ``generate()`` and its KV cache intact.
+
+What happens in one call (see :mod:`tokenthin.adapters.hf_vlm` for the seams):
+
+* **prefill** (an image in the prompt, an empty cache): the method sees the sample's visual tokens, padded across the
+  batch, with the vision tower's signals and the prompt's text embeddings. Its plan (keep mask and merge targets,
+  :mod:`tokenthin.ops.assign`) turns into a shorter sequence per sample: text tokens stay, each kept or merged
+  visual slot takes the place of its representative token, and samples are re-padded on the **left** (generation
+  reads the last column). The attention mask and positions are rebuilt to match.
+* **decoding** (a cache this runtime filled): the caller's attention mask and positions still number the original
+  prompt; they are translated to the shorter one.
+
+Positions (choices): at ``output`` a 1-D rotary host numbers the shorter prompt 0..T'-1 (the language model sees
+it as a prompt with fewer image tokens, which is what every pre-LLM method's reference code feeds it). Inside the
+language model (``llm:k``) kept tokens keep their original positions: layers 0..k already used them, and their
+keys in layers 0..k stay in the cache at full length; layers after k hold only the kept tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .budget import keep_count
+from .errors import BudgetError, InputMismatchError, SiteError, TokenThinError
+from .methods.base import Method, ReduceInput, SignalSource
+from .ops import assign
+from .runtime import _cpu_threads, _sync
+from .scores.attention import cls_attention, mean_attention
+
+
+@dataclass(frozen=True)
+class VLMSchedule:
+    site: str  # "output" | "llm"
+    keep: float | int
+    layer: int | None = None  # language-model layer after which "llm" reduces
+
+    def describe(self) -> str:
+        where = "output" if self.site == "output" else f"llm:{self.layer}"
+        return f"site={where} keep={self.keep}"
+
+
+def parse_vlm_site(site: str | None, default: str, num_lm_layers: int, method: type[Method]) -> tuple[str, int | None]:
+    s = (site or default).strip().lower()
+    if s == "output":
+        if not ({"output", "layer"} & set(method.sites)):
+            raise SiteError(f"method '{method.name}' does not work before the language model; its sites: {method.sites}")
+        return "output", None
+    if s.startswith("llm:"):
+        generic = method.kind in ("prune", "merge") and not method.signals and "layer" in method.sites
+        if "llm" not in method.sites and not generic:  # generic: reads only the tokens, so works anywhere
+            raise SiteError(
+                f"method '{method.name}' does not work inside the language model; sites here: 'output' "
+                f"(its sites: {', '.join(method.sites)})"
+            )
+        try:
+            k = int(s.split(":", 1)[1])
+        except ValueError:
+            raise SiteError(f"site '{site}': write llm:k with an integer k") from None
+        if k < 0:
+            k += num_lm_layers
+        if not 0 <= k < num_lm_layers - 1:
+            raise SiteError(f"site '{site}': k must be in 0..{num_lm_layers - 2} (a later layer must read the result)")
+        return "llm", k
+    raise SiteError(
+        f"site '{site}' does not exist on a vision-language model; its sites are 'output' (between the vision "
+        f"projector and the language model) and 'llm:k' (after language-model layer k, 0..{num_lm_layers - 2})"
+    )
+
+
+@dataclass
+class VLMInfo:
+    """What the last prefill did."""
+
+    site: str
+    visual_tokens: list[int]  # visual tokens per sample before
+    kept: list[int]  # visual slots per sample after
+    sequence: tuple[int, int]  # padded sequence length the language model would have read / read (after the site)
+    source: torch.Tensor  # (B, N_vis) visual token (in prompt order) -> output slot, -1 dropped
+    size: torch.Tensor  # (B, n_out) original visual tokens per output slot (0: padding)
+
+
+@dataclass
+class _Prefix:
+    """How a cached prompt was shortened: lets decoding steps translate the caller's mask and positions."""
+
+    t0: int  # prompt length as the caller numbers it
+    mask: torch.Tensor  # (B, T1) bool, valid tokens of the shortened prompt as the language model's input holds it
+    shift: torch.Tensor | None  # (B,) positions to subtract from the caller's (output site, 1-D rope)
+    last_pos: torch.Tensor | None  # (B,) position of the last prompt token after shortening
+    deep_valid: torch.Tensor | None = None  # (B, T') valid tokens of layers after k (llm site)
+
+
+@dataclass
+class _Call:
+    prefill: bool
+    vis: torch.Tensor | None = None  # (B, T) image-token positions of the prompt
+    prefix: _Prefix | None = None
+    q: dict[int, torch.Tensor] = field(default_factory=dict)  # vision tower captures
+    k: dict[int, torch.Tensor] = field(default_factory=dict)
+    lm_q: torch.Tensor | None = None
+    lm_k: torch.Tensor | None = None
+    pos_emb: Any = None  # layer k's rotary embeddings (llm site)
+    valid0: torch.Tensor | None = None  # (B, T) caller's valid tokens
+    vis_pos: torch.Tensor | None = None  # (B, N) sequence position of each visual token the method sees
+    gather: torch.Tensor | None = None  # (B, T') llm site: original positions layers after k hold
+    deep_valid: torch.Tensor | None = None
+    info: VLMInfo | None = None
+
+
+def _cache_of(kwargs: dict) -> Any:
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _cache_len(cache: Any, layer: int = 0) -> int:
+    if cache is None:
+        return 0
+    if isinstance(cache, (tuple, list)):
+        raise TokenThinError("tokenthin needs a transformers Cache object (e.g. DynamicCache), not legacy tuples")
+    try:
+        return int(cache.get_seq_length(layer))
+    except (IndexError, KeyError):
+        return 0
+
+
+def pack(mask: torch.Tensor, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the True entries of ``mask`` (B, T) in order, padded to the largest count: (idx, valid), both
+    (B, T'). ``left``: padding goes first (generation layout); else last. Padding indices point at position 0."""
+    b, t = mask.shape
+    counts = mask.sum(1)
+    n = int(counts.max()) if b else 0
+    rank = mask.long().cumsum(1) - 1
+    if left:
+        rank = rank + (n - counts).unsqueeze(1)
+    slot = torch.where(mask, rank, torch.full_like(rank, n))
+    buf = torch.zeros(b, n + 1, dtype=torch.long, device=mask.device)
+    buf.scatter_(1, slot, torch.arange(t, device=mask.device).expand(b, t))
+    ar = torch.arange(n, device=mask.device).unsqueeze(0)
+    valid = ar >= (n - counts).unsqueeze(1) if left else ar < counts.unsqueeze(1)
+    return buf[:, :n], valid
+
+
+def _gather_last(x: torch.Tensor, idx: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """Gather along the last-but-feature sequence axis of positions / rotary tensors for each sample."""
+    if x.dim() == 2:  # (B|1, T) positions
+        return x.expand(idx.shape[0], -1).gather(1, idx)
+    if x.dim() == 3 and batch_dim == 0:  # (B|1, T, d) rotary cos/sin
+        x = x.expand(idx.shape[0], -1, -1)
+        return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    # (S, B|1, T[, d]): multimodal positions / rotary (sections first)
+    x = x.expand(x.shape[0], idx.shape[0], *x.shape[2:])
+    g = idx.unsqueeze(0).expand(x.shape[0], -1, -1)
+    if x.dim() == 4:
+        g = g.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
+    return x.gather(2, g)
+
+
+def _mask_like(valid_kv: torch.Tensor, q: int, like: Any, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, q, KV) causal mask over keys ``valid_kv`` (B, KV) for the last ``q`` positions, in the host's format:
+    bool (True attends) unless the incoming mask is float or the host runs eager attention (additive)."""
+    b, kv = valid_kv.shape
+    qi = torch.arange(q, device=valid_kv.device).unsqueeze(1) + (kv - q)
+    causal = torch.arange(kv, device=valid_kv.device).unsqueeze(0) <= qi  # (q, KV)
+    m = valid_kv[:, None, None, :] & causal[None, None]
+    m = m | (torch.arange(kv, device=valid_kv.device).unsqueeze(0) == qi)[None, None]  # a token always sees itself
+    floaty = (isinstance(like, torch.Tensor) and like.is_floating_point()) or (like is None and impl == "eager")
+    if floaty:
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+    return m
+
+
+class _VLMSignals(SignalSource):
+    """Signals of one prefill, laid out like the method's padded visual tokens (B, N)."""
+
+    def __init__(self, rt: VLMRuntime, call: _Call, flat: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        self.rt, self.call, self.flat = rt, call, flat  # flat: (B, N) index into the image-major token list
+        self.rows = rows
+        v = rt.adapter.vision
+        self.has_cls = v.num_protected >= 1
+
+    def _pick(self, per_image: torch.Tensor) -> torch.Tensor:
+        a = self.rt.adapter
+        drop = a.drops_protected
+        per_image = per_image[:, drop:]
+        flat = per_image.reshape(-1, *per_image.shape[2:])
+        return flat[self.flat.clamp(max=flat.shape[0] - 1)]
+
+    def _qk(self, layer: int, need_q: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        c = self.call
+        if layer not in c.k or (need_q and layer not in c.q):
+            raise TokenThinError(f"internal: no vision-tower keys captured at layer {layer}")
+        return c.q.get(layer), c.k[layer]
+
+    def keys(self, layer: int) -> torch.Tensor:
+        _, k = self._qk(layer, False)
+        b, n, _ = k.shape
+        return self._pick(k.view(b, n, self.rt.adapter.vision.num_heads, -1).mean(2))
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        q, k = self._qk(layer, True)
+        v = self.rt.adapter.vision
+        return self._pick(cls_attention(q, k, v.num_heads, v.scale))
+
+    def mean_attention(self, layer: int) -> torch.Tensor:
+        q, k = self._qk(layer, True)
+        v = self.rt.adapter.vision
+        return self._pick(mean_attention(q, k, v.num_heads, v.scale))
+
+    def last_token_attention(self, layer: int) -> torch.Tensor:
+        """(B, N) attention the last prompt token pays each visual token in language-model layer ``layer``,
+        averaged over heads (the softmax runs over the whole prompt)."""
+        att = self.rt.last_token_attention(self.call)
+        assert self.call.vis_pos is not None
+        out = att.gather(1, self.call.vis_pos)
+        return out if self.rows is None else out[self.rows]
+
+
+class VLMRuntime:
+    """One application of one method to one vision-language model."""
+
+    def __init__(self, model: nn.Module, adapter: Any, method: Method, schedule: VLMSchedule) -> None:
+        self.model, self.adapter, self.method, self.schedule = model, adapter, method, schedule
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.last: VLMInfo | None = None
+        self._call: _Call | None = None
+        self._prefixes: weakref.WeakKeyDictionary[Any, _Prefix] = weakref.WeakKeyDictionary()
+        self._vq: dict[int, torch.Tensor] = {}
+        self._vk: dict[int, torch.Tensor] = {}
+        self.measure = False
+        self.overhead_s = 0.0
+        self.calibrating = False
+        v = adapter.vision
+        self.capture: set[int] = set()
+        if schedule.site == "output" and method.signals & {"keys", "cls_attn", "mean_attn"}:
+            for layer in method.signal_layers(adapter.feature_layer, len(v.layers)):
+                self.capture.add(layer % len(v.layers))
+        self.need_q = bool(method.signals & {"cls_attn", "mean_attn"})
+        self.need_lm_attn = schedule.site == "llm" and "last_attn" in method.signals
+
+    # ----- hooks -----
+    def attach(self) -> None:
+        a = self.adapter
+        self.handles.append(a.root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self.handles.append(a.root.register_forward_hook(self._root_post, always_call=True))
+        if a.top is not a.root:
+            self.handles.append(a.top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(a.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(a.lm.register_forward_hook(self._lm_post, with_kwargs=True))
+        for i in sorted(self.capture):
+            qm, km = a.vision.qk_modules(i)
+            self.handles.append(km.register_forward_hook(self._capture(i, "k")))
+            if self.need_q:
+                self.handles.append(qm.register_forward_hook(self._capture(i, "q")))
+        if self.schedule.site == "llm":
+            k = self.schedule.layer
+            assert k is not None
+            layer = a.lm_layers[k]
+            self.handles.append(layer.register_forward_pre_hook(self._k_pre, with_kwargs=True))
+            self.handles.append(layer.register_forward_hook(self._k_post))
+            if self.need_lm_attn:
+                qm, km = a.lm_qk_modules(k)
+                self.handles.append(qm.register_forward_hook(self._lm_capture("q")))
+                self.handles.append(km.register_forward_hook(self._lm_capture("k")))
+            for j in range(k + 1, len(a.lm_layers)):
+                self.handles.append(a.lm_layers[j].register_forward_pre_hook(self._deep_pre(j), with_kwargs=True))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._call = None
+        self._prefixes = weakref.WeakKeyDictionary()
+
+    def _capture(self, i: int, which: str):
+        # generate() in transformers 5.24 runs the vision tower before the multimodal model's forward (it passes
+        # mm_encoder_outputs), so captures are kept until the next prefill picks them up
+        def cap(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            (self._vq if which == "q" else self._vk)[i] = out.detach()
+
+        return cap
+
+    def _lm_capture(self, which: str):
+        def cap(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            c = self._call
+            if c is not None and c.prefill:
+                if which == "q":
+                    c.lm_q = out.detach()
+                else:
+                    c.lm_k = out.detach()
+
+        return cap
+
+    def _top_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None:
+            raise TokenThinError(
+                "tokenthin shortens the sequence the language model reads, so labels no longer line up; compute "
+                "a loss on the unreduced model (tokenthin.remove) or from the returned logits yourself"
+            )
+
+    def _root_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
+        a = self.adapter
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        pv = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        cache = _cache_of(kwargs)
+        if _cache_len(cache) > 0:
+            self._call = _Call(prefill=False, prefix=self._prefixes.get(cache))
+            return
+        if ids is None:
+            raise TokenThinError(
+                "pass input_ids (not inputs_embeds) while tokenthin is applied: it finds the image tokens by their id"
+            )
+        vis = ids == a.image_token_id
+        per = vis.sum(1)
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        has_image = pv is not None or (isinstance(mm, dict) and mm.get("image") is not None)
+        if not has_image or not bool((per > 0).all()):
+            which = "the prompt has" if ids.shape[0] == 1 else f"sample(s) {(per == 0).nonzero().flatten().tolist()}"
+            raise TokenThinError(
+                f"prompt without image: {which} no image token (id {a.image_token_id})"
+                + ("" if has_image else " and no pixel_values were given")
+                + "; tokenthin reduces visual tokens, so every prompt of a call needs an image. Run text-only "
+                "prompts with tokenthin.remove(model), or outside a `with tokenthin.applied(...)` block"
+            )
+        param = next(a.root.parameters())
+        if pv is not None and not pv.is_floating_point():
+            raise InputMismatchError(f"pixel_values has dtype {pv.dtype}; use the processor's float pixel values")
+        if pv is not None and pv.device != param.device:
+            raise InputMismatchError(f"pixel_values is on {pv.device} but the model is on {param.device}; move them")
+        tpi = a.tokens_per_image
+        bad = (per % tpi) != 0
+        if bool(bad.any()):
+            raise InputMismatchError(
+                f"sample(s) {bad.nonzero().flatten().tolist()} hold {per[bad].tolist()} image tokens, not a multiple "
+                f"of the {tpi} one image gives; build the prompt with the model's processor"
+            )
+        c = _Call(prefill=True, vis=vis)
+        self._call = c
+        if pv is not None:  # the tower runs inside this call: drop captures of an earlier one
+            self._vq, self._vk = {}, {}
+        c.q, c.k = self._vq, self._vk
+
+    def _root_post(self, _m: nn.Module, _args: tuple, _out: Any) -> None:
+        c, self._call = self._call, None
+        if c is not None and c.info is not None:
+            self.last = c.info
+
+    # ----- the output site and decoding-step translation -----
+    def _lm_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        c = self._call
+        if c is None:
+            return None
+        if args:
+            raise TokenThinError("internal: the language model was called with positional arguments")
+        if c.prefill:
+            emb = kwargs.get("inputs_embeds")
+            if emb is None:
+                raise TokenThinError("internal: the language model received no inputs_embeds")
+            am = kwargs.get("attention_mask")
+            if am is not None and am.dim() != 2:
+                raise TokenThinError(
+                    "tokenthin needs a 2-D attention_mask (a dynamic cache); static or compiled caches, which get "
+                    "a 4-D mask, are not supported"
+                )
+            assert c.vis is not None
+            c.valid0 = am.bool() if am is not None else torch.ones_like(c.vis)
+            if self.schedule.site != "output":
+                return None
+            return self._timed(lambda: self._shorten_prompt(c, kwargs))
+        if c.prefix is None or self.schedule.site != "output":
+            return None
+        return args, self._translate(c.prefix, kwargs)
+
+    def _timed(self, fn):
+        t0 = 0.0
+        if self.measure:
+            _sync(self.adapter.lm_layers[0].self_attn.q_proj.weight.device)
+            t0 = time.perf_counter()
+        dev = self.adapter.lm_layers[0].self_attn.q_proj.weight.device
+        with _cpu_threads(dev, 1):
+            out = fn()
+        if self.measure:
+            _sync(dev)
+            self.overhead_s += time.perf_counter() - t0
+        return out
+
+    def _plan(self, c: _Call, x_seq: torch.Tensor, layer: int, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the method on the visual tokens of ``x_seq`` (B, T, D); returns the new sequence embeddings (merged
+        slots written at their representatives' places) and ``keep_seq`` (B, T), the positions that stay."""
+        assert c.vis is not None and c.valid0 is not None
+        a = self.adapter
+        vis = c.vis & c.valid0
+        vpos, vvalid = pack(vis, left=False)  # (B, N) sequence position of each visual token
+        c.vis_pos = vpos
+        x = assign.rows(x_seq, vpos)
+        b, n = vvalid.shape
+        per = vvalid.sum(1)
+        keep_n = self._keep_counts(per)
+        # image-major index of each visual token (the order masked_scatter filled them in)
+        offsets = torch.cumsum(per, 0) - per
+        flat = (offsets.unsqueeze(1) + torch.arange(n, device=x.device)).masked_fill(~vvalid, 0)
+        tpos, tvalid = pack(c.valid0 & ~c.vis, left=False)
+        extras = {"text": assign.rows(x_seq, tpos), "text_valid": tvalid, "site": self.schedule.site}
+        size = vvalid.float()
+
+        def run(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+            inp = ReduceInput(
+                x=sel(x),
+                size=sel(size),
+                valid=sel(vvalid),
+                num_protected=0,
+                layer=layer,
+                num_layers=num_layers,
+                grid=a.grid,
+                pristine=True,
+                signals=_VLMSignals(self, c, sel(flat), rows),
+                extras={k: sel(v) if isinstance(v, torch.Tensor) else v for k, v in extras.items()},
+            )
+            return self.method.reduce(inp, sel(keep_n))
+
+        if bool((keep_n == keep_n[0]).all()) and bool((per == per[0]).all()):
+            keep, target = run(None)
+        else:  # samples keep different counts: plan each alone (a selection takes one k)
+            keeps, targets = [], []
+            for i in range(b):
+                rows = torch.tensor([i], device=x.device)
+                kk, tt = run(rows)
+                keeps.append(kk)
+                targets.append(tt)
+            keep = torch.cat(keeps)
+            target = None if all(t is None for t in targets) else torch.cat(
+                [t if t is not None else torch.full_like(k, -1) for t, k in zip(targets, keeps)]
+            )
+        keep = keep & vvalid
+        if target is not None:
+            target = target.masked_fill(keep | ~vvalid, -1)
+        plan = assign.build(keep, target)
+        x_new, size_new = assign.merge(x, size, plan)
+        slot_valid = torch.arange(plan.n_out, device=x.device).unsqueeze(0) < plan.counts.unsqueeze(1)
+        rep = vpos.gather(1, plan.slot_src)  # (B, n_out) sequence position of each slot's representative
+        seq = x_seq.clone()
+        bi = torch.arange(b, device=x.device).unsqueeze(1).expand_as(rep)
+        seq[bi[slot_valid], rep[slot_valid]] = x_new[slot_valid].to(seq.dtype)
+        is_rep = torch.zeros_like(vis)
+        is_rep[bi[slot_valid], rep[slot_valid]] = True
+        keep_seq = c.valid0 & (~vis | is_rep)
+        src = torch.where(vvalid, plan.dst, torch.full_like(plan.dst, -1))
+        c.info = VLMInfo(
+            site=self.schedule.describe().split()[0].removeprefix("site="),
+            visual_tokens=per.tolist(),
+            kept=plan.counts.tolist(),
+            sequence=(x_seq.shape[1], int(keep_seq.sum(1).max())),
+            source=src,
+            size=size_new.masked_fill(~slot_valid, 0),
+        )
+        return seq, keep_seq
+
+    def _keep_counts(self, per: torch.Tensor) -> torch.Tensor:
+        s = self.schedule
+        out = []
+        for n in per.tolist():
+            k = keep_count(s.keep, n)
+            if k > n:
+                raise BudgetError(
+                    f"keep={s.keep} asks for {k} visual tokens but a prompt holds only {n}; use a smaller count "
+                    "or a fraction"
+                )
+            out.append(k)
+        return torch.tensor(out, device=per.device)
+
+    def _shorten_prompt(self, c: _Call, kwargs: dict) -> tuple[tuple, dict]:
+        a = self.adapter
+        emb = kwargs["inputs_embeds"]
+        b, t, _ = emb.shape
+        seq, keep_seq = self._plan(c, emb, a.feature_layer, len(a.vision.layers))
+        assert c.valid0 is not None
+        idx, valid = pack(keep_seq, left=True)
+        out = dict(kwargs)
+        out["inputs_embeds"] = assign.rows(seq, idx).masked_fill(~valid.unsqueeze(-1), 0)
+        am = kwargs.get("attention_mask")
+        padded = not bool(valid.all())
+        out["attention_mask"] = valid.to(am.dtype) if am is not None else (valid.long() if padded else None)
+        pos0 = kwargs.get("position_ids")
+        if pos0 is None:
+            pos0 = torch.arange(t, device=emb.device).unsqueeze(0)
+        dropped = c.valid0 & ~keep_seq
+        shift = last = None
+        if pos0.dim() == 2 and a.shift_positions:
+            before = dropped.long().cumsum(1) - dropped.long()
+            pos = _gather_last(pos0.expand(b, -1) - before, idx, 0).masked_fill(~valid, 0)
+            shift = dropped.sum(1)
+            last = pos[:, -1]
+        else:
+            pos = _gather_last(pos0, idx, 0 if pos0.dim() == 2 else 1)
+        out["position_ids"] = pos
+        if "cache_position" in kwargs and kwargs["cache_position"] is not None:
+            out["cache_position"] = torch.arange(idx.shape[1], device=emb.device)
+        c.prefix = _Prefix(t0=t, mask=valid, shift=shift, last_pos=last)
+        return (), out
+
+    def _translate(self, p: _Prefix, kwargs: dict) -> dict:
+        out = dict(kwargs)
+        emb = kwargs.get("inputs_embeds")
+        b, q = emb.shape[0], emb.shape[1]
+        t1 = p.mask.shape[1]
+        cache = _cache_of(kwargs)
+        past = _cache_len(cache)
+        am = kwargs.get("attention_mask")
+        if am is not None:
+            if am.dim() != 2 or am.shape[1] < p.t0:
+                raise TokenThinError("tokenthin needs the 2-D attention_mask generate() keeps, covering the prompt")
+            out["attention_mask"] = torch.cat([p.mask.to(am.dtype), am[:, p.t0 :]], 1)
+        elif not bool(p.mask.all()):
+            out["attention_mask"] = torch.cat(
+                [p.mask.long(), torch.ones(b, past - t1 + q, dtype=torch.long, device=p.mask.device)], 1
+            )
+        pos = kwargs.get("position_ids")
+        if p.shift is not None:
+            if pos is not None:
+                out["position_ids"] = pos.expand(b, -1) - p.shift.unsqueeze(1)
+            elif p.last_pos is not None:
+                gen = past - t1
+                out["position_ids"] = p.last_pos.unsqueeze(1) + 1 + gen + torch.arange(q, device=emb.device)
+        if kwargs.get("cache_position") is not None:
+            out["cache_position"] = kwargs["cache_position"] - (p.t0 - t1)
+        return out
+
+    def _lm_post(self, _m: nn.Module, _args: tuple, kwargs: dict, out: Any) -> None:
+        c = self._call
+        if c is None or not c.prefill or c.prefix is None:
+            return None
+        cache = _cache_of(kwargs)
+        if cache is None and isinstance(out, dict):  # ModelOutput; the key is "cache" from transformers 5.24
+            cache = out.get("cache")
+            if cache is None:
+                cache = out.get("past_key_values")
+        if cache is not None and not isinstance(cache, (tuple, list)):
+            self._prefixes[cache] = c.prefix
+        return None
+
+    # ----- inside the language model (llm:k) -----
+    def _k_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
+        c = self._call
+        if c is not None and c.prefill:
+            c.pos_emb = kwargs.get("position_embeddings")
+
+    def _k_post(self, _m: nn.Module, _args: tuple, out: Any) -> Any:
+        c = self._call
+        if c is None or not c.prefill:
+            return None
+        hs = out[0] if isinstance(out, tuple) else out
+        a = self.adapter
+        k = self.schedule.layer
+        assert k is not None and c.valid0 is not None
+
+        def work() -> torch.Tensor:
+            seq, keep_seq = self._plan(c, hs, k, len(a.lm_layers))
+            idx, valid = pack(keep_seq, left=True)
+            c.gather, c.deep_valid = idx, valid
+            c.prefix = _Prefix(t0=hs.shape[1], mask=c.valid0, shift=None, last_pos=None, deep_valid=valid)
+            return assign.rows(seq, idx).masked_fill(~valid.unsqueeze(-1), 0)
+
+        new = self._timed(work)
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    def _deep_pre(self, j: int):
+        impl = getattr(self.adapter.lm_config, "_attn_implementation", None) or "eager"
+
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            c = self._call
+            if c is None:
+                return None
+            hs = args[0] if args else kwargs["hidden_states"]
+            if c.prefill:
+                if c.gather is None:
+                    return None
+                idx, valid = c.gather, c.deep_valid
+                assert valid is not None
+                out = dict(kwargs)
+                pe = kwargs.get("position_embeddings")
+                if pe is not None:
+                    bd = 0 if pe[0].dim() == 3 else 1
+                    out["position_embeddings"] = tuple(_gather_last(t, idx, bd) for t in pe)
+                pid = kwargs.get("position_ids")
+                if pid is not None:
+                    out["position_ids"] = _gather_last(pid, idx, 0 if pid.dim() == 2 else 1)
+                if kwargs.get("cache_position") is not None:
+                    out["cache_position"] = torch.arange(idx.shape[1], device=idx.device)
+                out["attention_mask"] = _mask_like(valid, idx.shape[1], kwargs.get("attention_mask"), impl, hs.dtype)
+                return args, out
+            p = c.prefix
+            if p is None or p.deep_valid is None:
+                return None
+            q = hs.shape[1]
+            past = _cache_len(_cache_of(kwargs), j)
+            gen = past - p.deep_valid.shape[1]
+            am = kwargs.get("attention_mask")
+            out = dict(kwargs)
+            if am is not None or not bool(p.deep_valid.all()):
+                tail = torch.ones(hs.shape[0], gen + q, dtype=torch.bool, device=hs.device)
+                valid_kv = torch.cat([p.deep_valid, tail], 1)
+                out["attention_mask"] = _mask_like(valid_kv, q, am, impl, hs.dtype)
+            if kwargs.get("cache_position") is not None:
+                out["cache_position"] = torch.arange(past, past + q, device=hs.device)
+            return args, out
+
+        return pre
+
+    def last_token_attention(self, c: _Call) -> torch.Tensor:
+        """(B, T) softmax attention of the prompt's last token over the prompt in layer k, averaged over heads,
+        recomputed from the layer's captured queries and keys with its rotary embedding (no eager pass)."""
+        a = self.adapter
+        if c.lm_q is None or c.lm_k is None or c.pos_emb is None:
+            raise TokenThinError("internal: language-model queries/keys were not captured")
+        b, t, _ = c.lm_k.shape
+        h, kv, d = a.lm_heads, a.lm_kv_heads, a.lm_head_dim
+        q = c.lm_q[:, -1:].view(b, 1, h, d).transpose(1, 2)
+        k = c.lm_k.view(b, t, kv, d).transpose(1, 2)
+        cos, sin = c.pos_emb
+        cos_l = cos[..., -1:, :] if cos.dim() >= 3 else cos
+        sin_l = sin[..., -1:, :] if sin.dim() >= 3 else sin
+        layer = self.schedule.layer
+        assert layer is not None
+        q = a.rope(layer, q, cos_l, sin_l, "q")
+        k = a.rope(layer, k, cos, sin, "k")
+        k = k.repeat_interleave(h // kv, dim=1)
+        logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * a.lm_scale  # (B, H, T)
+        assert c.valid0 is not None
+        logits = logits.masked_fill(~c.valid0.unsqueeze(1), float("-inf"))
+        return logits.softmax(-1).mean(1)
