@@ -17,16 +17,31 @@ def llava(attn: str = "sdpa", *, vision_layers: int = 3, text_layers: int = 4, s
 
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=vision_layers, num_attention_heads=4,
-        image_size=IMG, patch_size=PATCH, projection_dim=32,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=IMG,
+        patch_size=PATCH,
+        projection_dim=32,
     )
     tc = LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=text_layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
     )
     cfg = LlavaConfig(
-        vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, projector_hidden_act="gelu",
-        vision_feature_layer=-2, image_seq_length=TPI, attn_implementation=attn,
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=IMAGE_TOKEN,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        image_seq_length=TPI,
+        attn_implementation=attn,
     )
     return LlavaForConditionalGeneration(cfg).eval()
 
@@ -56,7 +71,15 @@ def pixels(n: int, seed: int = 3) -> torch.Tensor:
 def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, pv: torch.Tensor, new: int = 6, **kw):
     """Greedy generation returning (new tokens, per-step logits (B, new, V))."""
     out = model.generate(
-        input_ids=ids, attention_mask=mask, pixel_values=pv, max_new_tokens=new, do_sample=False,
-        suppress_tokens=[IMAGE_TOKEN], output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw,
+        input_ids=ids,
+        attention_mask=mask,
+        pixel_values=pv,
+        max_new_tokens=new,
+        do_sample=False,
+        suppress_tokens=[IMAGE_TOKEN],
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kw,
     )
     return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1)

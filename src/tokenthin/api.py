@@ -63,8 +63,19 @@ def apply(
     m = cls(**params)
     adapter = find_adapter(model)
     if getattr(adapter, "kind", "") == "vlm":
-        return _apply_vlm(model, adapter, cls, m, r=r, keep=keep, flops=flops, site=site, unmerge=unmerge,
-                          calibration=calibration, image_size=image_size)
+        return _apply_vlm(
+            model,
+            adapter,
+            cls,
+            m,
+            r=r,
+            keep=keep,
+            flops=flops,
+            site=site,
+            unmerge=unmerge,
+            calibration=calibration,
+            image_size=image_size,
+        )
     if "llm" in cls.sites and not ({"layers", "layer", "output", "input"} & set(cls.sites)):
         raise UnsupportedModelError(
             f"method '{cls.name}' works inside a language model; {type(model).__name__} has none. Apply it to a "

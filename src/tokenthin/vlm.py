@@ -50,7 +50,9 @@ def parse_vlm_site(site: str | None, default: str, num_lm_layers: int, method: t
     s = (site or default).strip().lower()
     if s == "output":
         if not ({"output", "layer"} & set(method.sites)):
-            raise SiteError(f"method '{method.name}' does not work before the language model; its sites: {method.sites}")
+            raise SiteError(
+                f"method '{method.name}' does not work before the language model; its sites: {method.sites}"
+            )
         return "output", None
     if s.startswith("llm:"):
         generic = method.kind in ("prune", "merge") and not method.signals and "layer" in method.sites
@@ -164,7 +166,7 @@ def _gather_last(x: torch.Tensor, idx: torch.Tensor, batch_dim: int) -> torch.Te
 def _mask_like(valid_kv: torch.Tensor, q: int, like: Any, impl: str, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, q, KV) causal mask over keys ``valid_kv`` (B, KV) for the last ``q`` positions, in the host's format:
     bool (True attends) unless the incoming mask is float or the host runs eager attention (additive)."""
-    b, kv = valid_kv.shape
+    _b, kv = valid_kv.shape
     qi = torch.arange(q, device=valid_kv.device).unsqueeze(1) + (kv - q)
     causal = torch.arange(kv, device=valid_kv.device).unsqueeze(0) <= qi  # (q, KV)
     m = valid_kv[:, None, None, :] & causal[None, None]
@@ -434,8 +436,10 @@ class VLMRuntime:
                 keeps.append(kk)
                 targets.append(tt)
             keep = torch.cat(keeps)
-            target = None if all(t is None for t in targets) else torch.cat(
-                [t if t is not None else torch.full_like(k, -1) for t, k in zip(targets, keeps)]
+            target = (
+                None
+                if all(t is None for t in targets)
+                else torch.cat([t if t is not None else torch.full_like(k, -1) for t, k in zip(targets, keeps)])
             )
         keep = keep & vvalid
         if target is not None:

@@ -20,7 +20,6 @@ No forward body is copied.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +105,7 @@ class HFLlavaAdapter:
         norm = getattr(att, f"{which}_norm", None)
         if isinstance(norm, nn.Module):
             t = norm(t)
-        fn = getattr(sys.modules[type(att).__module__], "apply_rotary_pos_emb")
+        fn = sys.modules[type(att).__module__].apply_rotary_pos_emb
         return fn(t, t, cos, sin)[0]
 
     def touched(self) -> list[str]:
