@@ -154,6 +154,23 @@ def _apply_vlm(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> 
     return model
 
 
+def _explain_vlm(a: Any, rt: Any) -> dict[str, Any]:
+    n = len(a.lm_layers)
+    out: dict[str, Any] = {
+        "adapter": type(a).__name__,
+        "family": a.family,
+        "vision_layers": len(a.vision.layers),
+        "vision_feature_layer": a.feature_layer,
+        "language_layers": n,
+        "visual_tokens_per_image": a.tokens_per_image,
+        "sites": ["output", *[f"llm:{i}" for i in range(n - 1)]],
+        "touched_modules": a.touched(),
+    }
+    if rt is not None:
+        out["applied"] = {"method": rt.method.name, "params": rt.method.p, "schedule": rt.schedule.describe()}
+    return out
+
+
 def _check_input(model: nn.Module, x: torch.Tensor) -> None:
     p = next(model.parameters())
     if x.device != p.device:
@@ -237,6 +254,8 @@ def explain(model: nn.Module) -> dict[str, Any]:
     """Which modules would be touched, which sites exist and, if applied, the plan and its analytic FLOPs."""
     rt = _APPLIED.get(model)
     a = rt.adapter if rt is not None else find_adapter(model)
+    if getattr(a, "kind", "") == "vlm":
+        return _explain_vlm(a, rt)
     L = len(a.layers)
     grid = (a.image_size[0] // a.patch[0], a.image_size[1] // a.patch[1])
     out: dict[str, Any] = {
