@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vlm import IMAGE_TOKEN, PROMPTS, TPI, batch, generate, llava, pixels
 
 import tokenthin
+from tiny_vlm import IMAGE_TOKEN, PROMPTS, TPI, batch, generate, llava, pixels
 from tokenthin.errors import (
     AlreadyAppliedError,
     BudgetError,
@@ -86,7 +86,7 @@ def test_cached_generation_equals_recomputing_each_step(model, inputs, method, s
 def test_reduction_changes_generation_and_shortens_prompt(model, inputs, reference):
     ids, mask, pv = inputs
     with tokenthin.applied(model, "fastervlm", keep=2):
-        toks, logits = generate(model, ids, mask, pv)
+        _toks, logits = generate(model, ids, mask, pv)
         info = tokenthin.info(model)
     assert info.kept == [2, 2, 2] and info.visual_tokens == [TPI] * 3
     assert info.sequence == (ids.shape[1], ids.shape[1] - (TPI - 2))
