@@ -83,3 +83,106 @@ def generate(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, pv:
         **kw,
     )
     return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1)
+
+
+# ----- Qwen2-VL / Qwen2.5-VL -----
+Q_PATCH = 4  # vision patch; 2x2 patches merge into one visual token, so an image of (8h x 8w) px gives h*w tokens
+Q_START, Q_END = 97, 96
+
+
+def qwen(version: str = "2", attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=512,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 10000.0},
+    )
+    ids = dict(image_token_id=IMAGE_TOKEN, video_token_id=98, vision_start_token_id=Q_START, vision_end_token_id=Q_END)
+    if version == "2":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+        vision = dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=32,
+            num_heads=4,
+            patch_size=Q_PATCH,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+            mlp_ratio=2,
+        )
+        cfg = Qwen2VLConfig(vision_config=vision, text_config=text, attn_implementation=attn, **ids)
+        return Qwen2VLForConditionalGeneration(cfg).eval()
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        out_hidden_size=32,
+        intermediate_size=64,
+        num_heads=4,
+        patch_size=Q_PATCH,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        in_channels=3,
+        window_size=16,
+        fullatt_block_indexes=[1],
+    )
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, attn_implementation=attn, **ids)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval()
+
+
+# (text before, image grid in merged tokens (h, w), text after): three prompts, three image sizes
+Q_PROMPTS = [([5], (2, 2), [7, 8, 9]), ([5, 6, 11, 12], (2, 3), [7]), ([], (3, 2), [3, 4, 10, 12, 13, 14])]
+
+
+def qwen_inputs(prompts=Q_PROMPTS, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Left-padded input_ids/attention_mask/mm_token_type_ids plus packed patches and image_grid_thw."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, thw, patches = [], [], []
+    for before, (h, w), after in prompts:
+        seqs.append([1, *before, Q_START, *([IMAGE_TOKEN] * (h * w)), Q_END, *after])
+        thw.append([1, 2 * h, 2 * w])
+        patches.append(torch.randn(4 * h * w, 3 * 2 * Q_PATCH * Q_PATCH, generator=g))
+    ids, mask = batch(seqs)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": (ids == IMAGE_TOKEN).int(),
+        "pixel_values": torch.cat(patches),
+        "image_grid_thw": torch.tensor(thw),
+    }
+
+
+def qwen_single(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    """Sample i of a qwen_inputs batch, unpadded."""
+    keep = inputs["attention_mask"][i].bool()
+    sizes = inputs["image_grid_thw"].prod(-1).tolist()
+    start = sum(sizes[:i])
+    return {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": None,
+        "mm_token_type_ids": inputs["mm_token_type_ids"][i : i + 1, keep],
+        "pixel_values": inputs["pixel_values"][start : start + sizes[i]],
+        "image_grid_thw": inputs["image_grid_thw"][i : i + 1],
+    }
+
+
+def qgenerate(model: nn.Module, inputs: dict[str, torch.Tensor], new: int = 6, **kw):
+    out = model.generate(
+        **{k: v for k, v in inputs.items() if v is not None},
+        max_new_tokens=new,
+        do_sample=False,
+        suppress_tokens=[IMAGE_TOKEN, Q_START, Q_END],
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kw,
+    )
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)

@@ -159,10 +159,10 @@ def _explain_vlm(a: Any, rt: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "adapter": type(a).__name__,
         "family": a.family,
-        "vision_layers": len(a.vision.layers),
+        "vision_layers": a.vision_layers,
         "vision_feature_layer": a.feature_layer,
+        "vision_signals": a.vision is not None,
         "language_layers": n,
-        "visual_tokens_per_image": a.tokens_per_image,
         "sites": ["output", *[f"llm:{i}" for i in range(n - 1)]],
         "touched_modules": a.touched(),
     }

@@ -184,7 +184,7 @@ class _VLMSignals(SignalSource):
         self.rt, self.call, self.flat = rt, call, flat  # flat: (B, N) index into the image-major token list
         self.rows = rows
         v = rt.adapter.vision
-        self.has_cls = v.num_protected >= 1
+        self.has_cls = v is not None and v.num_protected >= 1
 
     def _pick(self, per_image: torch.Tensor) -> torch.Tensor:
         a = self.rt.adapter
@@ -234,12 +234,20 @@ class VLMRuntime:
         self._prefixes: weakref.WeakKeyDictionary[Any, _Prefix] = weakref.WeakKeyDictionary()
         self._vq: dict[int, torch.Tensor] = {}
         self._vk: dict[int, torch.Tensor] = {}
+        self._layout: list[tuple[int, tuple[int, int]]] | None = None  # of the last vision-tower call
         self.measure = False
         self.overhead_s = 0.0
         self.calibrating = False
         v = adapter.vision
         self.capture: set[int] = set()
-        if schedule.site == "output" and method.signals & {"keys", "cls_attn", "mean_attn"}:
+        vision_signals = method.signals & {"keys", "cls_attn", "mean_attn"}
+        if vision_signals and v is None:
+            raise TokenThinError(
+                f"method '{method.name}' reads the vision tower's attention or keys, which tokenthin does not "
+                f"capture on {adapter.family} (a fused, packed vision tower); use a method that reads the visual "
+                "tokens themselves (divprune, kcenter, coverage, random, pool) or the language model (fastv)"
+            )
+        if schedule.site == "output" and vision_signals and v is not None:
             for layer in method.signal_layers(adapter.feature_layer, len(v.layers)):
                 self.capture.add(layer % len(v.layers))
         self.need_q = bool(method.signals & {"cls_attn", "mean_attn"})
@@ -252,10 +260,11 @@ class VLMRuntime:
         self.handles.append(a.root.register_forward_hook(self._root_post, always_call=True))
         if a.top is not a.root:
             self.handles.append(a.top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self.handles.append(a.vision_root.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
         self.handles.append(a.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self.handles.append(a.lm.register_forward_hook(self._lm_post, with_kwargs=True))
         for i in sorted(self.capture):
-            qm, km = a.vision.qk_modules(i)
+            qm, km = a.vision.qk_modules(i)  # capture is empty when the host has no ViT-like tower
             self.handles.append(km.register_forward_hook(self._capture(i, "k")))
             if self.need_q:
                 self.handles.append(qm.register_forward_hook(self._capture(i, "q")))
@@ -298,6 +307,9 @@ class VLMRuntime:
 
         return cap
 
+    def _vision_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._layout = self.adapter.layout(args, kwargs)
+
     def _top_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
         if kwargs.get("labels") is not None:
             raise TokenThinError(
@@ -334,17 +346,10 @@ class VLMRuntime:
             raise InputMismatchError(f"pixel_values has dtype {pv.dtype}; use the processor's float pixel values")
         if pv is not None and pv.device != param.device:
             raise InputMismatchError(f"pixel_values is on {pv.device} but the model is on {param.device}; move them")
-        tpi = a.tokens_per_image
-        bad = (per % tpi) != 0
-        if bool(bad.any()):
-            raise InputMismatchError(
-                f"sample(s) {bad.nonzero().flatten().tolist()} hold {per[bad].tolist()} image tokens, not a multiple "
-                f"of the {tpi} one image gives; build the prompt with the model's processor"
-            )
         c = _Call(prefill=True, vis=vis)
         self._call = c
-        if pv is not None:  # the tower runs inside this call: drop captures of an earlier one
-            self._vq, self._vk = {}, {}
+        if pv is not None:  # the tower runs inside this call: drop what an earlier one left
+            self._vq, self._vk, self._layout = {}, {}, None
         c.q, c.k = self._vq, self._vk
 
     def _root_post(self, _m: nn.Module, _args: tuple, _out: Any) -> None:
@@ -395,13 +400,13 @@ class VLMRuntime:
         """Run the method on the visual tokens of ``x_seq`` (B, T, D); returns the new sequence embeddings (merged
         slots written at their representatives' places) and ``keep_seq`` (B, T), the positions that stay."""
         assert c.vis is not None and c.valid0 is not None
-        a = self.adapter
         vis = c.vis & c.valid0
         vpos, vvalid = pack(vis, left=False)  # (B, N) sequence position of each visual token
         c.vis_pos = vpos
         x = assign.rows(x_seq, vpos)
         b, n = vvalid.shape
         per = vvalid.sum(1)
+        grids = self._sample_grids(per.tolist())
         keep_n = self._keep_counts(per)
         # image-major index of each visual token (the order masked_scatter filled them in)
         offsets = torch.cumsum(per, 0) - per
@@ -412,6 +417,7 @@ class VLMRuntime:
 
         def run(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
             sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+            grid = grids[0] if rows is None else grids[int(rows[0])]
             inp = ReduceInput(
                 x=sel(x),
                 size=sel(size),
@@ -419,14 +425,14 @@ class VLMRuntime:
                 num_protected=0,
                 layer=layer,
                 num_layers=num_layers,
-                grid=a.grid,
+                grid=grid,
                 pristine=True,
                 signals=_VLMSignals(self, c, sel(flat), rows),
                 extras={k: sel(v) if isinstance(v, torch.Tensor) else v for k, v in extras.items()},
             )
             return self.method.reduce(inp, sel(keep_n))
 
-        if bool((keep_n == keep_n[0]).all()) and bool((per == per[0]).all()):
+        if bool((keep_n == keep_n[0]).all()) and bool((per == per[0]).all()) and len(set(grids)) == 1:
             keep, target = run(None)
         else:  # samples keep different counts: plan each alone (a selection takes one k)
             keeps, targets = [], []
@@ -465,6 +471,29 @@ class VLMRuntime:
         )
         return seq, keep_seq
 
+    def _sample_grids(self, per: list[int]) -> list[tuple[int, int]]:
+        """Each sample's image grid (h, w); (0, 0) where a sample holds several images. Checks that the prompts'
+        image tokens match what the vision tower produced."""
+        layout = self._layout
+        if layout is None:
+            raise TokenThinError("internal: the vision tower did not run before the language model")
+        out, i = [], 0
+        for s, n in enumerate(per):
+            got, grids = 0, []
+            while got < n and i < len(layout):
+                got += layout[i][0]
+                grids.append(layout[i][1])
+                i += 1
+            if got != n:
+                raise InputMismatchError(
+                    f"sample {s} holds {n} image tokens but the images give {got}; build prompts with the model's "
+                    "processor (one image-token run per image)"
+                )
+            out.append(grids[0] if len(grids) == 1 else (0, 0))
+        if i != len(layout):
+            raise InputMismatchError(f"{len(layout)} images were given for {i} images' worth of image tokens")
+        return out
+
     def _keep_counts(self, per: torch.Tensor) -> torch.Tensor:
         s = self.schedule
         out = []
@@ -482,7 +511,7 @@ class VLMRuntime:
         a = self.adapter
         emb = kwargs["inputs_embeds"]
         b, t, _ = emb.shape
-        seq, keep_seq = self._plan(c, emb, a.feature_layer, len(a.vision.layers))
+        seq, keep_seq = self._plan(c, emb, a.feature_layer, a.vision_layers)
         assert c.valid0 is not None
         idx, valid = pack(keep_seq, left=True)
         out = dict(kwargs)
