@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vlm import IMAGE_TOKEN, Q_PROMPTS, qgenerate, qwen, qwen_inputs, qwen_single
 
 import tokenthin
+from tiny_vlm import IMAGE_TOKEN, Q_PROMPTS, qgenerate, qwen, qwen_inputs, qwen_single
 from tokenthin.errors import TokenThinError
 
 CASES = [("divprune", "output"), ("kcenter", "output"), ("random", "output"), ("fastv", "llm:1"), ("random", "llm:2")]
