@@ -186,3 +186,85 @@ def qgenerate(model: nn.Module, inputs: dict[str, torch.Tensor], new: int = 6, *
         **kw,
     )
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)
+
+
+# ----- LLaVA-NeXT (AnyRes) -----
+PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def llava_next(attn: str = "sdpa", seed: int = 0) -> nn.Module:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=IMG,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
+    tc = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=1024,
+    )
+    cfg = LlavaNextConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=IMAGE_TOKEN,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        image_grid_pinpoints=PINPOINTS,
+        attn_implementation=attn,
+    )
+    return LlavaNextForConditionalGeneration(cfg).eval()
+
+
+# (text before, original image size (h, w), text after): three sizes give three token counts
+N_PROMPTS = [([5], (40, 70), [7, 8, 9]), ([5, 6, 11, 12], (70, 40), [7]), ([], (30, 30), [3, 4, 10, 12])]
+
+
+def next_inputs(model: nn.Module, prompts=N_PROMPTS, seed: int = 3) -> dict[str, torch.Tensor]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([s for _, s, _ in prompts])
+    crops = [image_size_to_num_patches(s.tolist(), PINPOINTS, IMG) for s in sizes]
+    pv = torch.zeros(len(prompts), max(crops), 3, IMG, IMG)
+    for i, n in enumerate(crops):
+        pv[i, :n] = torch.randn(n, 3, IMG, IMG, generator=g)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pv, image_sizes=sizes, return_dict=True).pooler_output
+    seqs = [[1, *b, *([IMAGE_TOKEN] * f.shape[0]), *a] for (b, _, a), f in zip(prompts, feats)]
+    ids, mask = batch(seqs)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv, "image_sizes": sizes}
+
+
+def next_single(inputs: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    keep = inputs["attention_mask"][i].bool()
+    return {
+        "input_ids": inputs["input_ids"][i : i + 1, keep],
+        "attention_mask": None,
+        "pixel_values": inputs["pixel_values"][i : i + 1],
+        "image_sizes": inputs["image_sizes"][i : i + 1],
+    }
+
+
+def ngenerate(model: nn.Module, inputs: dict[str, torch.Tensor], new: int = 6, **kw):
+    out = model.generate(
+        **{k: v for k, v in inputs.items() if v is not None},
+        max_new_tokens=new,
+        do_sample=False,
+        suppress_tokens=[IMAGE_TOKEN],
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kw,
+    )
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, 1)

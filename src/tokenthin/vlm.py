@@ -110,6 +110,7 @@ class _Call:
     lm_k: torch.Tensor | None = None
     pos_emb: Any = None  # layer k's rotary embeddings (llm site)
     valid0: torch.Tensor | None = None  # (B, T) caller's valid tokens
+    tm: Any = None  # adapters.hf_vlm.TokenMap of the prompt's image tokens
     vis_pos: torch.Tensor | None = None  # (B, N) sequence position of each visual token the method sees
     gather: torch.Tensor | None = None  # (B, T') llm site: original positions layers after k hold
     deep_valid: torch.Tensor | None = None
@@ -235,6 +236,7 @@ class VLMRuntime:
         self._vq: dict[int, torch.Tensor] = {}
         self._vk: dict[int, torch.Tensor] = {}
         self._layout: list[tuple[int, tuple[int, int]]] | None = None  # of the last vision-tower call
+        self._projected: torch.Tensor | None = None  # the projector's last output, for hosts that re-pack it
         self.measure = False
         self.overhead_s = 0.0
         self.calibrating = False
@@ -261,6 +263,8 @@ class VLMRuntime:
         if a.top is not a.root:
             self.handles.append(a.top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
         self.handles.append(a.vision_root.register_forward_pre_hook(self._vision_pre, with_kwargs=True))
+        if a.needs_projected:
+            self.handles.append(a.root.multi_modal_projector.register_forward_hook(self._projector_post))
         self.handles.append(a.lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self.handles.append(a.lm.register_forward_hook(self._lm_post, with_kwargs=True))
         for i in sorted(self.capture):
@@ -310,6 +314,9 @@ class VLMRuntime:
     def _vision_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
         self._layout = self.adapter.layout(args, kwargs)
 
+    def _projector_post(self, _m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        self._projected = out.detach()
+
     def _top_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
         if kwargs.get("labels") is not None:
             raise TokenThinError(
@@ -349,7 +356,7 @@ class VLMRuntime:
         c = _Call(prefill=True, vis=vis)
         self._call = c
         if pv is not None:  # the tower runs inside this call: drop what an earlier one left
-            self._vq, self._vk, self._layout = {}, {}, None
+            self._vq, self._vk, self._layout, self._projected = {}, {}, None, None
         c.q, c.k = self._vq, self._vk
 
     def _root_post(self, _m: nn.Module, _args: tuple, _out: Any) -> None:
@@ -376,6 +383,8 @@ class VLMRuntime:
                 )
             assert c.vis is not None
             c.valid0 = am.bool() if am is not None else torch.ones_like(c.vis)
+            vis = c.vis & c.valid0
+            c.tm = self._timed(lambda: self.adapter.token_map(emb[vis], vis.sum(1).tolist(), self))
             if self.schedule.site != "output":
                 return None
             return self._timed(lambda: self._shorten_prompt(c, kwargs))
@@ -401,18 +410,31 @@ class VLMRuntime:
         slots written at their representatives' places) and ``keep_seq`` (B, T), the positions that stay."""
         assert c.vis is not None and c.valid0 is not None
         vis = c.vis & c.valid0
+        tm = c.tm
+        assert tm is not None
+        if bool(tm.newline.any()):  # structure tokens (LLaVA-NeXT row ends) stay, like text
+            nl = torch.zeros_like(vis)
+            nl[vis] = tm.newline
+            vis = vis & ~nl
+        flat_seq = torch.zeros(vis.shape, dtype=torch.long, device=vis.device)
+        view_seq = torch.zeros_like(flat_seq)
+        flat_seq[c.vis & c.valid0] = tm.flat
+        view_seq[c.vis & c.valid0] = tm.view
         vpos, vvalid = pack(vis, left=False)  # (B, N) sequence position of each visual token
         c.vis_pos = vpos
         x = assign.rows(x_seq, vpos)
-        b, n = vvalid.shape
+        b = vvalid.shape[0]
         per = vvalid.sum(1)
-        grids = self._sample_grids(per.tolist())
+        grids = tm.grids
         keep_n = self._keep_counts(per)
-        # image-major index of each visual token (the order masked_scatter filled them in)
-        offsets = torch.cumsum(per, 0) - per
-        flat = (offsets.unsqueeze(1) + torch.arange(n, device=x.device)).masked_fill(~vvalid, 0)
+        flat = flat_seq.gather(1, vpos).masked_fill(~vvalid, 0)  # index into the tower's (image-major) tokens
         tpos, tvalid = pack(c.valid0 & ~c.vis, left=False)
-        extras = {"text": assign.rows(x_seq, tpos), "text_valid": tvalid, "site": self.schedule.site}
+        extras = {
+            "text": assign.rows(x_seq, tpos),
+            "text_valid": tvalid,
+            "view": view_seq.gather(1, vpos).masked_fill(~vvalid, -1),
+            "site": self.schedule.site,
+        }
         size = vvalid.float()
 
         def run(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -459,7 +481,7 @@ class VLMRuntime:
         seq[bi[slot_valid], rep[slot_valid]] = x_new[slot_valid].to(seq.dtype)
         is_rep = torch.zeros_like(vis)
         is_rep[bi[slot_valid], rep[slot_valid]] = True
-        keep_seq = c.valid0 & (~vis | is_rep)
+        keep_seq = c.valid0 & (~vis | is_rep)  # text, structure tokens and the slots' representatives
         src = torch.where(vvalid, plan.dst, torch.full_like(plan.dst, -1))
         c.info = VLMInfo(
             site=self.schedule.describe().split()[0].removeprefix("site="),
@@ -470,29 +492,6 @@ class VLMRuntime:
             size=size_new.masked_fill(~slot_valid, 0),
         )
         return seq, keep_seq
-
-    def _sample_grids(self, per: list[int]) -> list[tuple[int, int]]:
-        """Each sample's image grid (h, w); (0, 0) where a sample holds several images. Checks that the prompts'
-        image tokens match what the vision tower produced."""
-        layout = self._layout
-        if layout is None:
-            raise TokenThinError("internal: the vision tower did not run before the language model")
-        out, i = [], 0
-        for s, n in enumerate(per):
-            got, grids = 0, []
-            while got < n and i < len(layout):
-                got += layout[i][0]
-                grids.append(layout[i][1])
-                i += 1
-            if got != n:
-                raise InputMismatchError(
-                    f"sample {s} holds {n} image tokens but the images give {got}; build prompts with the model's "
-                    "processor (one image-token run per image)"
-                )
-            out.append(grids[0] if len(grids) == 1 else (0, 0))
-        if i != len(layout):
-            raise InputMismatchError(f"{len(layout)} images were given for {i} images' worth of image tokens")
-        return out
 
     def _keep_counts(self, per: torch.Tensor) -> torch.Tensor:
         s = self.schedule

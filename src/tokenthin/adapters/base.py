@@ -58,9 +58,9 @@ class Adapter:
 def adapters() -> list[type[Adapter]]:
     from .hf_encoder_decoder import HFEncoderDecoderAdapter
     from .hf_vision import HFVisionAdapter
-    from .hf_vlm import HFLlavaAdapter, HFQwen2VLAdapter
+    from .hf_vlm import HFLlavaAdapter, HFLlavaNextAdapter, HFQwen2VLAdapter
 
-    return [HFLlavaAdapter, HFQwen2VLAdapter, HFEncoderDecoderAdapter, HFVisionAdapter]  # type: ignore[list-item]
+    return [HFLlavaNextAdapter, HFLlavaAdapter, HFQwen2VLAdapter, HFEncoderDecoderAdapter, HFVisionAdapter]  # type: ignore[list-item]
 
 
 def find_adapter(model: object) -> Adapter:

@@ -24,12 +24,13 @@ No forward body is copied.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import InputMismatchError, TokenThinError, UnsupportedModelError
 from .hf_vision import HFVisionAdapter
 
 
@@ -39,6 +40,39 @@ def _language_layers(lm: nn.Module) -> nn.ModuleList:
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
     raise UnsupportedModelError(f"cannot find the decoder layers of {type(lm).__name__}")
+
+
+@dataclass
+class TokenMap:
+    """Where a prompt's image tokens (M of them, in prompt order) come from."""
+
+    flat: torch.Tensor  # (M,) index into the vision tower's tokens, image-major, host-dropped tokens excluded
+    newline: torch.Tensor  # (M,) bool: a structure token (LLaVA-NeXT row end) that is kept and never scored
+    view: torch.Tensor  # (M,) 0: the image (or AnyRes base view), k >= 1: the k-th crop of an AnyRes image
+    grids: list[tuple[int, int]]  # per sample: its image's token grid; (0, 0) for several images / AnyRes
+
+
+def assign_images(per: list[int], layout: list[tuple[int, tuple[int, int]]] | None) -> list[tuple[int, int]]:
+    """Each sample's image grid (h, w), (0, 0) where a sample holds several images; checks that the prompts'
+    image tokens match what the vision tower produced."""
+    if layout is None:
+        raise TokenThinError("internal: the vision tower did not run before the language model")
+    out, i = [], 0
+    for s, n in enumerate(per):
+        got, grids = 0, []
+        while got < n and i < len(layout):
+            got += layout[i][0]
+            grids.append(layout[i][1])
+            i += 1
+        if got != n:
+            raise InputMismatchError(
+                f"sample {s} holds {n} image tokens but its images give {got}; build prompts with the model's "
+                "processor (one image-token run per image)"
+            )
+        out.append(grids[0] if len(grids) == 1 else (0, 0))
+    if i != len(layout):
+        raise InputMismatchError(f"{len(layout)} images were given for {i} images' worth of image tokens")
+    return out
 
 
 class VLMAdapter:
@@ -51,6 +85,7 @@ class VLMAdapter:
     feature_layer = 0  # vision layer whose output the language model reads (ReduceInput.layer)
     vision_layers = 0
     drops_protected = 0  # leading tokens ([CLS]) the host drops from each image's features
+    needs_projected = False  # the runtime keeps the projector's output for token_map()
 
     def __init__(self, top: nn.Module, root: nn.Module, vision_root: nn.Module) -> None:
         self.top, self.root, self.vision_root = top, root, vision_root
@@ -71,6 +106,13 @@ class VLMAdapter:
     def layout(self, args: tuple, kwargs: dict[str, Any]) -> list[tuple[int, tuple[int, int]]]:
         """From the vision tower's call: (visual tokens, token grid (h, w)) of every image, in prompt order."""
         raise NotImplementedError
+
+    def token_map(self, rows: torch.Tensor, per: list[int], rt: Any) -> TokenMap:
+        """Map the prompt's image-token embeddings ``rows`` (M, D) to the vision tower's tokens. Default: the
+        features were scattered in image-major order, one image after another, nothing re-packed."""
+        m = rows.shape[0]
+        zeros = torch.zeros(m, dtype=torch.long, device=rows.device)
+        return TokenMap(torch.arange(m, device=rows.device), zeros.bool(), zeros, assign_images(per, rt._layout))
 
     # ----- language-model attention, for scores inside the LLM -----
     def lm_qk_modules(self, i: int) -> tuple[nn.Module, nn.Module]:
@@ -150,6 +192,77 @@ class HFLlavaAdapter(VLMAdapter):
         grid = (pv.shape[-2] // p[0], pv.shape[-1] // p[1])
         extra = self.vision.num_protected - self.drops_protected
         return [(grid[0] * grid[1] + extra, grid)] * pv.shape[0]
+
+
+def _row_hash(x: torch.Tensor) -> torch.Tensor:
+    """(M, D) -> (M,) int64: an exact function of each row's bits (integer arithmetic, so the same row always gives
+    the same value whatever the batch shape; equal rows collide, unequal rows almost never do)."""
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    bits = x.contiguous().view(ints).long()
+    g = torch.Generator().manual_seed(0x70CE)
+    coef = (torch.randint(1, 2**62, (x.shape[-1],), generator=g) * 2 + 1).to(x.device)
+    return (bits * coef).sum(-1)
+
+
+class HFLlavaNextAdapter(HFLlavaAdapter):
+    """LLaVA-NeXT (AnyRes): each image is a base view plus crops; inside its forward the model unpads the crops,
+    re-packs them row by row and appends an ``image_newline`` embedding to every row.
+
+    tokenthin maps every image token back to the vision-tower patch it came from by exact identity of its
+    projected feature with the projector's output (a bit-exact row hash, then verified), and recognises row-end
+    tokens by identity with ``image_newline``. Choice for the row-end tokens: they are structure, not content;
+    they are kept (one per row of the crop grid) and never scored or counted in the budget, as in the LLaVA-NeXT
+    ports of VisionZip and FasterVLM that prune the visual features and keep the layout tokens. ``extras["view"]``
+    tells methods which view a token belongs to (0: the base view, k: the k-th crop)."""
+
+    families = (
+        "Hugging Face LlavaNextForConditionalGeneration / LlavaNextModel (AnyRes: base view + crops, row-end "
+        "newline tokens), with generate() and its KV cache"
+    )
+    needs_projected = True
+
+    @classmethod
+    def detect(cls, model: nn.Module) -> HFLlavaNextAdapter | None:
+        for m in model.modules():
+            if isinstance(getattr(m, "image_newline", None), nn.Parameter) and hasattr(m, "vision_tower"):
+                found = HFLlavaAdapter.detect(m)
+                if found is not None:
+                    return cls(model, m)
+        return None
+
+    def token_map(self, rows: torch.Tensor, per: list[int], rt: Any) -> TokenMap:
+        proj = rt._projected
+        if proj is None:
+            raise TokenThinError("internal: the projector's output was not captured")
+        n_tok = proj.shape[1]
+        src = proj.reshape(-1, proj.shape[-1]).to(rows.dtype)
+        newline = (rows == self.root.image_newline.to(rows.dtype)).all(-1)
+        hs, order = torch.sort(_row_hash(src))
+        hr = _row_hash(rows)
+        at = torch.searchsorted(hs, hr).clamp(max=hs.numel() - 1)
+        flat = order[at]
+        found = (hs[at] == hr) & (src[flat] == rows).all(-1)
+        if not bool((found | newline).all()):
+            raise TokenThinError(
+                "cannot map LLaVA-NeXT's image tokens back to the vision tower's patches (were the image features "
+                "changed between the projector and the language model?)"
+            )
+        flat = torch.where(newline, torch.zeros_like(flat), flat)
+        crop = torch.where(newline, torch.full_like(flat, -1), flat // n_tok)
+        # a base view fills one contiguous run of n_tok tokens; a crop's tokens are interleaved with other crops'
+        pos = torch.arange(rows.shape[0], device=rows.device)
+        k = proj.shape[0]
+        lo = torch.full((k,), rows.shape[0], device=rows.device).scatter_reduce(
+            0, crop.clamp(min=0), torch.where(newline, rows.shape[0], pos), "amin"
+        )
+        hi = torch.full((k,), -1, device=rows.device).scatter_reduce(
+            0, crop.clamp(min=0), torch.where(newline, -1, pos), "amax"
+        )
+        base = (hi - lo + 1) == n_tok
+        base_of = torch.where(newline, -1, torch.where(base[crop.clamp(min=0)], crop, -1))
+        base_of = torch.cummax(base_of, 0).values
+        view = torch.where(newline, torch.zeros_like(crop), crop - base_of)
+        return TokenMap(flat=flat, newline=newline, view=view, grids=[(0, 0)] * len(per))
 
 
 class HFQwen2VLAdapter(VLMAdapter):
