@@ -123,7 +123,7 @@ def apply(
 
 
 def _apply_vlm(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> nn.Module:
-    from .vlm import VLMRuntime, VLMSchedule, parse_vlm_site
+    from .vlm import VLMRuntime, parse_vlm_site
 
     if kw["r"] is not None or kw["flops"] is not None:
         raise BudgetError(
@@ -146,9 +146,7 @@ def _apply_vlm(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> 
         )
     if hasattr(m, "calibrate"):
         raise TokenThinError(f"method '{cls.name}' calibrates on images and is not supported on VLMs yet")
-    default = cls.default_site if cls.default_site.startswith("llm") else "output"
-    where, layer = parse_vlm_site(kw["site"], default, len(adapter.lm_layers), cls)
-    rt = VLMRuntime(model, adapter, m, VLMSchedule(site=where, keep=keep, layer=layer))
+    rt = VLMRuntime(model, adapter, m, parse_vlm_site(kw["site"], keep, len(adapter.lm_layers), m))
     rt.attach()
     _APPLIED[model] = rt
     return model

@@ -37,29 +37,45 @@ from .scores.attention import cls_attention, mean_attention
 
 @dataclass(frozen=True)
 class VLMSchedule:
-    site: str  # "output" | "llm"
-    keep: float | int
-    layer: int | None = None  # language-model layer after which "llm" reduces
+    """Where a method reduces: before the language model (``output_keep``) and/or after language-model layers
+    (``llm``: (k, keep) pairs, ascending k). A fractional keep inside the language model is a fraction of the visual
+    tokens that entered it; a count is a count."""
+
+    output_keep: float | int | None
+    llm: tuple[tuple[int, float | int], ...] = ()
+    keep: float | int | None = None  # what the caller asked for (describe())
+
+    @property
+    def site(self) -> str:
+        parts = (["output"] if self.output_keep is not None else []) + [f"llm:{k}" for k, _ in self.llm]
+        return "+".join(parts)
 
     def describe(self) -> str:
-        where = "output" if self.site == "output" else f"llm:{self.layer}"
-        return f"site={where} keep={self.keep}"
+        return f"site={self.site} keep={self.keep}"
 
 
-def parse_vlm_site(site: str | None, default: str, num_lm_layers: int, method: type[Method]) -> tuple[str, int | None]:
+def parse_vlm_site(site: str | None, keep: float | int, num_lm_layers: int, method: Method) -> VLMSchedule:
+    cls = type(method)
+    if "output+llm" in cls.sites:  # a two-stage method (AIM, ToDRE): its own in-LLM schedule
+        s = (site or "output+llm").strip().lower()
+        if s != "output+llm":
+            raise SiteError(
+                f"method '{cls.name}' reduces before and inside the language model; its site is 'output+llm' "
+                "(tune the in-LLM stage with its parameters)"
+            )
+        return VLMSchedule(output_keep=keep, llm=tuple(method.llm_points(num_lm_layers)), keep=keep)
+    default = cls.default_site if cls.default_site.startswith("llm") else "output"
     s = (site or default).strip().lower()
     if s == "output":
-        if not ({"output", "layer"} & set(method.sites)):
-            raise SiteError(
-                f"method '{method.name}' does not work before the language model; its sites: {method.sites}"
-            )
-        return "output", None
+        if not ({"output", "layer"} & set(cls.sites)):
+            raise SiteError(f"method '{cls.name}' does not work before the language model; its sites: {cls.sites}")
+        return VLMSchedule(output_keep=keep, keep=keep)
     if s.startswith("llm:"):
-        generic = method.kind in ("prune", "merge") and not method.signals and "layer" in method.sites
-        if "llm" not in method.sites and not generic:  # generic: reads only the tokens, so works anywhere
+        generic = cls.kind in ("prune", "merge") and not cls.signals and "layer" in cls.sites
+        if "llm" not in cls.sites and not generic:  # generic: reads only the tokens, so works anywhere
             raise SiteError(
-                f"method '{method.name}' does not work inside the language model; sites here: 'output' "
-                f"(its sites: {', '.join(method.sites)})"
+                f"method '{cls.name}' does not work inside the language model; sites here: 'output' "
+                f"(its sites: {', '.join(cls.sites)})"
             )
         try:
             k = int(s.split(":", 1)[1])
@@ -69,7 +85,7 @@ def parse_vlm_site(site: str | None, default: str, num_lm_layers: int, method: t
             k += num_lm_layers
         if not 0 <= k < num_lm_layers - 1:
             raise SiteError(f"site '{site}': k must be in 0..{num_lm_layers - 2} (a later layer must read the result)")
-        return "llm", k
+        return VLMSchedule(output_keep=None, llm=((k, keep),), keep=keep)
     raise SiteError(
         f"site '{site}' does not exist on a vision-language model; its sites are 'output' (between the vision "
         f"projector and the language model) and 'llm:k' (after language-model layer k, 0..{num_lm_layers - 2})"
@@ -81,10 +97,10 @@ class VLMInfo:
     """What the last prefill did."""
 
     site: str
-    visual_tokens: list[int]  # visual tokens per sample before
-    kept: list[int]  # visual slots per sample after
-    sequence: tuple[int, int]  # padded sequence length the language model would have read / read (after the site)
-    source: torch.Tensor  # (B, N_vis) visual token (in prompt order) -> output slot, -1 dropped
+    visual_tokens: list[int]  # visual tokens per sample before (structure tokens such as row ends excluded)
+    kept: list[int]  # visual tokens per sample after the last stage
+    sequence: tuple[int, int]  # padded sequence length the language model would have read / its last layer read
+    source: torch.Tensor  # (B, N_vis) visual token (in prompt order) -> its slot after the last stage, -1 dropped
     size: torch.Tensor  # (B, n_out) original visual tokens per output slot (0: padding)
 
 
@@ -93,27 +109,33 @@ class _Prefix:
     """How a cached prompt was shortened: lets decoding steps translate the caller's mask and positions."""
 
     t0: int  # prompt length as the caller numbers it
-    mask: torch.Tensor  # (B, T1) bool, valid tokens of the shortened prompt as the language model's input holds it
+    mask: torch.Tensor  # (B, T1) bool, valid tokens of the prompt as the language model's input holds it
     shift: torch.Tensor | None  # (B,) positions to subtract from the caller's (output site, 1-D rope)
     last_pos: torch.Tensor | None  # (B,) position of the last prompt token after shortening
-    deep_valid: torch.Tensor | None = None  # (B, T') valid tokens of layers after k (llm site)
+    deep: dict[int, torch.Tensor] = field(default_factory=dict)  # llm point k -> (B, T') valid tokens after it
 
 
 @dataclass
 class _Call:
     prefill: bool
-    vis: torch.Tensor | None = None  # (B, T) image-token positions of the prompt
+    vis: torch.Tensor | None = None  # (B, T) visual tokens (candidates) of the current sequence
+    valid: torch.Tensor | None = None  # (B, T) valid tokens of the current sequence
     prefix: _Prefix | None = None
     q: dict[int, torch.Tensor] = field(default_factory=dict)  # vision tower captures
     k: dict[int, torch.Tensor] = field(default_factory=dict)
-    lm_q: torch.Tensor | None = None
-    lm_k: torch.Tensor | None = None
-    pos_emb: Any = None  # layer k's rotary embeddings (llm site)
-    valid0: torch.Tensor | None = None  # (B, T) caller's valid tokens
+    lm_q: dict[int, torch.Tensor] = field(default_factory=dict)  # language-model captures at llm points
+    lm_k: dict[int, torch.Tensor] = field(default_factory=dict)
+    pos_emb: dict[int, Any] = field(default_factory=dict)  # rotary embeddings each llm point's layer applied
     tm: Any = None  # adapters.hf_vlm.TokenMap of the prompt's image tokens
+    flat: torch.Tensor | None = None  # (B, T) vision-tower token index per prompt position (output stage)
+    view: torch.Tensor | None = None  # (B, T) AnyRes view per prompt position
     vis_pos: torch.Tensor | None = None  # (B, N) sequence position of each visual token the method sees
-    gather: torch.Tensor | None = None  # (B, T') llm site: original positions layers after k hold
-    deep_valid: torch.Tensor | None = None
+    gather: torch.Tensor | None = None  # (B, T') positions in the language model's input that deep layers hold
+    src: torch.Tensor | None = None  # (B, N_vis) original visual token -> current visual slot, -1 dropped
+    size: torch.Tensor | None = None  # (B, n) sizes of the current visual slots
+    n_vis: list[int] = field(default_factory=list)
+    n_in: torch.Tensor | None = None  # (B,) visual tokens entering the language model
+    t0: int = 0
     info: VLMInfo | None = None
 
 
@@ -179,25 +201,29 @@ def _mask_like(valid_kv: torch.Tensor, q: int, like: Any, impl: str, dtype: torc
 
 
 class _VLMSignals(SignalSource):
-    """Signals of one prefill, laid out like the method's padded visual tokens (B, N)."""
+    """Signals of one reduction point, laid out like the method's padded visual tokens (B, N)."""
 
     def __init__(self, rt: VLMRuntime, call: _Call, flat: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        self.rt, self.call, self.flat = rt, call, flat  # flat: (B, N) index into the image-major token list
+        self.rt, self.call, self.flat = rt, call, flat  # flat: (B, N) index into the tower's image-major tokens
         self.rows = rows
         v = rt.adapter.vision
         self.has_cls = v is not None and v.num_protected >= 1
 
+    def _sel(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t[self.rows]
+
     def _pick(self, per_image: torch.Tensor) -> torch.Tensor:
-        a = self.rt.adapter
-        drop = a.drops_protected
-        per_image = per_image[:, drop:]
+        per_image = per_image[:, self.rt.adapter.drops_protected :]
         flat = per_image.reshape(-1, *per_image.shape[2:])
         return flat[self.flat.clamp(max=flat.shape[0] - 1)]
 
     def _qk(self, layer: int, need_q: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
         c = self.call
         if layer not in c.k or (need_q and layer not in c.q):
-            raise TokenThinError(f"internal: no vision-tower keys captured at layer {layer}")
+            raise TokenThinError(
+                f"no vision-tower keys at layer {layer}: the vision tower's signals exist before the language "
+                "model only (site 'output')"
+            )
         return c.q.get(layer), c.k[layer]
 
     def keys(self, layer: int) -> torch.Tensor:
@@ -218,10 +244,15 @@ class _VLMSignals(SignalSource):
     def last_token_attention(self, layer: int) -> torch.Tensor:
         """(B, N) attention the last prompt token pays each visual token in language-model layer ``layer``,
         averaged over heads (the softmax runs over the whole prompt)."""
-        att = self.rt.last_token_attention(self.call)
+        logits = self.rt.lm_logits(self.call, layer, last_only=True)[:, :, 0]  # (B, H, T)
+        att = logits.softmax(-1).mean(1)
         assert self.call.vis_pos is not None
-        out = att.gather(1, self.call.vis_pos)
-        return out if self.rows is None else out[self.rows]
+        return self._sel(att.gather(1, self.call.vis_pos))
+
+    def lm_attention_logits(self, layer: int) -> torch.Tensor:
+        """(B, H, T, T) attention logits of language-model layer ``layer`` over the current sequence (scaled,
+        causal and padding masked with -inf); ``extras["vis_pos"]`` says where the visual tokens are."""
+        return self._sel(self.rt.lm_logits(self.call, layer, last_only=False))
 
 
 class VLMRuntime:
@@ -240,6 +271,8 @@ class VLMRuntime:
         self.measure = False
         self.overhead_s = 0.0
         self.calibrating = False
+        self.points = [k for k, _ in schedule.llm]
+        self.point_keep = dict(schedule.llm)
         v = adapter.vision
         self.capture: set[int] = set()
         vision_signals = method.signals & {"keys", "cls_attn", "mean_attn"}
@@ -249,11 +282,11 @@ class VLMRuntime:
                 f"capture on {adapter.family} (a fused, packed vision tower); use a method that reads the visual "
                 "tokens themselves (divprune, kcenter, coverage, random, pool) or the language model (fastv)"
             )
-        if schedule.site == "output" and vision_signals and v is not None:
+        if schedule.output_keep is not None and vision_signals and v is not None:
             for layer in method.signal_layers(adapter.feature_layer, len(v.layers)):
                 self.capture.add(layer % len(v.layers))
         self.need_q = bool(method.signals & {"cls_attn", "mean_attn"})
-        self.need_lm_attn = schedule.site == "llm" and "last_attn" in method.signals
+        self.need_lm_attn = bool(self.points) and bool(method.signals & {"last_attn", "lm_attn"})
 
     # ----- hooks -----
     def attach(self) -> None:
@@ -272,18 +305,17 @@ class VLMRuntime:
             self.handles.append(km.register_forward_hook(self._capture(i, "k")))
             if self.need_q:
                 self.handles.append(qm.register_forward_hook(self._capture(i, "q")))
-        if self.schedule.site == "llm":
-            k = self.schedule.layer
-            assert k is not None
-            layer = a.lm_layers[k]
-            self.handles.append(layer.register_forward_pre_hook(self._k_pre, with_kwargs=True))
-            self.handles.append(layer.register_forward_hook(self._k_post))
-            if self.need_lm_attn:
-                qm, km = a.lm_qk_modules(k)
-                self.handles.append(qm.register_forward_hook(self._lm_capture("q")))
-                self.handles.append(km.register_forward_hook(self._lm_capture("k")))
-            for j in range(k + 1, len(a.lm_layers)):
-                self.handles.append(a.lm_layers[j].register_forward_pre_hook(self._deep_pre(j), with_kwargs=True))
+        if not self.points:
+            return
+        for j in range(self.points[0], len(a.lm_layers)):
+            layer = a.lm_layers[j]
+            self.handles.append(layer.register_forward_pre_hook(self._layer_pre(j), with_kwargs=True))
+            if j in self.point_keep:
+                self.handles.append(layer.register_forward_hook(self._point_post(j)))
+                if self.need_lm_attn:
+                    qm, km = a.lm_qk_modules(j)
+                    self.handles.append(qm.register_forward_hook(self._lm_capture(j, "q")))
+                    self.handles.append(km.register_forward_hook(self._lm_capture(j, "k")))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -300,14 +332,11 @@ class VLMRuntime:
 
         return cap
 
-    def _lm_capture(self, which: str):
+    def _lm_capture(self, j: int, which: str):
         def cap(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
             c = self._call
             if c is not None and c.prefill:
-                if which == "q":
-                    c.lm_q = out.detach()
-                else:
-                    c.lm_k = out.detach()
+                (c.lm_q if which == "q" else c.lm_k)[j] = out.detach()
 
         return cap
 
@@ -361,43 +390,24 @@ class VLMRuntime:
 
     def _root_post(self, _m: nn.Module, _args: tuple, _out: Any) -> None:
         c, self._call = self._call, None
-        if c is not None and c.info is not None:
-            self.last = c.info
-
-    # ----- the output site and decoding-step translation -----
-    def _lm_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        c = self._call
-        if c is None:
-            return None
-        if args:
-            raise TokenThinError("internal: the language model was called with positional arguments")
-        if c.prefill:
-            emb = kwargs.get("inputs_embeds")
-            if emb is None:
-                raise TokenThinError("internal: the language model received no inputs_embeds")
-            am = kwargs.get("attention_mask")
-            if am is not None and am.dim() != 2:
-                raise TokenThinError(
-                    "tokenthin needs a 2-D attention_mask (a dynamic cache); static or compiled caches, which get "
-                    "a 4-D mask, are not supported"
-                )
-            assert c.vis is not None
-            c.valid0 = am.bool() if am is not None else torch.ones_like(c.vis)
-            vis = c.vis & c.valid0
-            c.tm = self._timed(lambda: self.adapter.token_map(emb[vis], vis.sum(1).tolist(), self))
-            if self.schedule.site != "output":
-                return None
-            return self._timed(lambda: self._shorten_prompt(c, kwargs))
-        if c.prefix is None or self.schedule.site != "output":
-            return None
-        return args, self._translate(c.prefix, kwargs)
+        if c is None or not c.prefill or c.src is None:
+            return
+        assert c.vis is not None and c.valid is not None and c.size is not None
+        self.last = VLMInfo(
+            site=self.schedule.site,
+            visual_tokens=c.n_vis,
+            kept=(c.vis & c.valid).sum(1).tolist(),
+            sequence=(c.t0, c.valid.shape[1]),
+            source=c.src,
+            size=c.size,
+        )
 
     def _timed(self, fn):
+        dev = self.adapter.lm_layers[0].self_attn.q_proj.weight.device
         t0 = 0.0
         if self.measure:
-            _sync(self.adapter.lm_layers[0].self_attn.q_proj.weight.device)
+            _sync(dev)
             t0 = time.perf_counter()
-        dev = self.adapter.lm_layers[0].self_attn.q_proj.weight.device
         with _cpu_threads(dev, 1):
             out = fn()
         if self.measure:
@@ -405,41 +415,96 @@ class VLMRuntime:
             self.overhead_s += time.perf_counter() - t0
         return out
 
-    def _plan(self, c: _Call, x_seq: torch.Tensor, layer: int, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the method on the visual tokens of ``x_seq`` (B, T, D); returns the new sequence embeddings (merged
-        slots written at their representatives' places) and ``keep_seq`` (B, T), the positions that stay."""
-        assert c.vis is not None and c.valid0 is not None
-        vis = c.vis & c.valid0
-        tm = c.tm
-        assert tm is not None
+    # ----- prefill: the prompt as the language model receives it -----
+    def _lm_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        c = self._call
+        if c is None:
+            return None
+        if args:
+            raise TokenThinError("internal: the language model was called with positional arguments")
+        if not c.prefill:
+            if c.prefix is None or self.schedule.output_keep is None:
+                return None
+            return args, self._translate(c.prefix, kwargs)
+        emb = kwargs.get("inputs_embeds")
+        if emb is None:
+            raise TokenThinError("internal: the language model received no inputs_embeds")
+        am = kwargs.get("attention_mask")
+        if am is not None and am.dim() != 2:
+            raise TokenThinError(
+                "tokenthin needs a 2-D attention_mask (a dynamic cache); static or compiled caches, which get a 4-D "
+                "mask, are not supported"
+            )
+        return self._timed(lambda: self._start_prefill(c, emb, am, kwargs))
+
+    def _start_prefill(self, c: _Call, emb: torch.Tensor, am: torch.Tensor | None, kwargs: dict):
+        assert c.vis is not None
+        b, t = c.vis.shape
+        c.t0 = t
+        c.valid = am.bool() if am is not None else torch.ones_like(c.vis)
+        img = c.vis & c.valid
+        tm = self.adapter.token_map(emb[img], img.sum(1).tolist(), self)
+        c.tm = tm
+        c.flat = torch.zeros(b, t, dtype=torch.long, device=emb.device)
+        c.view = torch.zeros_like(c.flat)
+        c.flat[img] = tm.flat
+        c.view[img] = tm.view
         if bool(tm.newline.any()):  # structure tokens (LLaVA-NeXT row ends) stay, like text
-            nl = torch.zeros_like(vis)
-            nl[vis] = tm.newline
-            vis = vis & ~nl
-        flat_seq = torch.zeros(vis.shape, dtype=torch.long, device=vis.device)
-        view_seq = torch.zeros_like(flat_seq)
-        flat_seq[c.vis & c.valid0] = tm.flat
-        view_seq[c.vis & c.valid0] = tm.view
+            nl = torch.zeros_like(img)
+            nl[img] = tm.newline
+            img = img & ~nl
+        c.vis = img
+        per = img.sum(1)
+        c.n_vis = per.tolist()
+        n = int(per.max())
+        c.src = (
+            torch.arange(n, device=emb.device)
+            .expand(b, n)
+            .masked_fill(torch.arange(n, device=emb.device).unsqueeze(0) >= per.unsqueeze(1), -1)
+        )
+        c.size = (c.src >= 0).float()
+        if self.schedule.output_keep is None:
+            c.n_in = per
+            c.prefix = _Prefix(t0=t, mask=c.valid, shift=None, last_pos=None)
+            return None
+        return self._shorten_prompt(c, kwargs)
+
+    def _plan(
+        self, c: _Call, x_seq: torch.Tensor, layer: int, num_layers: int, spec: float | int, stage: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the method on the current visual tokens of ``x_seq`` (B, T, D); returns the new sequence (merged
+        slots written at their representatives' places) and ``keep_seq`` (B, T), the positions that stay."""
+        assert c.vis is not None and c.valid is not None and c.src is not None and c.size is not None
+        vis = c.vis & c.valid
         vpos, vvalid = pack(vis, left=False)  # (B, N) sequence position of each visual token
         c.vis_pos = vpos
         x = assign.rows(x_seq, vpos)
         b = vvalid.shape[0]
         per = vvalid.sum(1)
-        grids = tm.grids
-        keep_n = self._keep_counts(per)
-        flat = flat_seq.gather(1, vpos).masked_fill(~vvalid, 0)  # index into the tower's (image-major) tokens
-        tpos, tvalid = pack(c.valid0 & ~c.vis, left=False)
+        out_stage = stage == "output"
+        if out_stage:
+            assert c.flat is not None and c.view is not None and c.tm is not None
+            flat = c.flat.gather(1, vpos).masked_fill(~vvalid, 0)
+            view = c.view.gather(1, vpos).masked_fill(~vvalid, -1)
+            grids = c.tm.grids
+            keep_n = self._keep_counts(per, spec, None)
+        else:
+            flat = torch.zeros_like(vpos)
+            view = torch.zeros_like(vpos).masked_fill(~vvalid, -1)
+            grids = [(0, 0)] * b
+            keep_n = self._keep_counts(per, spec, c.n_in)
+        size = c.size if c.size.shape[1] == vvalid.shape[1] else vvalid.float()
+        tpos, tvalid = pack(c.valid & ~c.vis, left=False)
         extras = {
             "text": assign.rows(x_seq, tpos),
             "text_valid": tvalid,
-            "view": view_seq.gather(1, vpos).masked_fill(~vvalid, -1),
-            "site": self.schedule.site,
+            "view": view,
+            "vis_pos": vpos,
+            "site": stage,
         }
-        size = vvalid.float()
 
         def run(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
             sel = (lambda t: t) if rows is None else (lambda t: t[rows])
-            grid = grids[0] if rows is None else grids[int(rows[0])]
             inp = ReduceInput(
                 x=sel(x),
                 size=sel(size),
@@ -447,8 +512,8 @@ class VLMRuntime:
                 num_protected=0,
                 layer=layer,
                 num_layers=num_layers,
-                grid=grid,
-                pristine=True,
+                grid=grids[0] if rows is None else grids[int(rows[0])],
+                pristine=out_stage,
                 signals=_VLMSignals(self, c, sel(flat), rows),
                 extras={k: sel(v) if isinstance(v, torch.Tensor) else v for k, v in extras.items()},
             )
@@ -459,8 +524,7 @@ class VLMRuntime:
         else:  # samples keep different counts: plan each alone (a selection takes one k)
             keeps, targets = [], []
             for i in range(b):
-                rows = torch.tensor([i], device=x.device)
-                kk, tt = run(rows)
+                kk, tt = run(torch.tensor([i], device=x.device))
                 keeps.append(kk)
                 targets.append(tt)
             keep = torch.cat(keeps)
@@ -476,42 +540,44 @@ class VLMRuntime:
         x_new, size_new = assign.merge(x, size, plan)
         slot_valid = torch.arange(plan.n_out, device=x.device).unsqueeze(0) < plan.counts.unsqueeze(1)
         rep = vpos.gather(1, plan.slot_src)  # (B, n_out) sequence position of each slot's representative
-        seq = x_seq.clone()
+        seq = x_seq
         bi = torch.arange(b, device=x.device).unsqueeze(1).expand_as(rep)
-        seq[bi[slot_valid], rep[slot_valid]] = x_new[slot_valid].to(seq.dtype)
+        if plan.merges:
+            seq = x_seq.clone()
+            seq[bi[slot_valid], rep[slot_valid]] = x_new[slot_valid].to(seq.dtype)
         is_rep = torch.zeros_like(vis)
         is_rep[bi[slot_valid], rep[slot_valid]] = True
-        keep_seq = c.valid0 & (~vis | is_rep)  # text, structure tokens and the slots' representatives
-        src = torch.where(vvalid, plan.dst, torch.full_like(plan.dst, -1))
-        c.info = VLMInfo(
-            site=self.schedule.describe().split()[0].removeprefix("site="),
-            visual_tokens=per.tolist(),
-            kept=plan.counts.tolist(),
-            sequence=(x_seq.shape[1], int(keep_seq.sum(1).max())),
-            source=src,
-            size=size_new.masked_fill(~slot_valid, 0),
-        )
+        keep_seq = c.valid & (~vis | is_rep)  # text, structure tokens and the slots' representatives
+        dst = plan.dst.masked_fill(~vvalid, -1)
+        c.src = torch.where(c.src >= 0, dst.gather(1, c.src.clamp(min=0)), c.src)
+        c.size = size_new.masked_fill(~slot_valid, 0)
         return seq, keep_seq
 
-    def _keep_counts(self, per: torch.Tensor) -> torch.Tensor:
-        s = self.schedule
+    def _keep_counts(self, per: torch.Tensor, spec: float | int, entered: torch.Tensor | None) -> torch.Tensor:
+        """Visual tokens each sample keeps. Before the language model a fraction is of the sample's visual tokens;
+        inside it, of those that entered it (and may round to 0)."""
         out = []
-        for n in per.tolist():
-            k = keep_count(s.keep, n)
+        for i, n in enumerate(per.tolist()):
+            if entered is None:
+                k = keep_count(spec, n)
+            elif isinstance(spec, float):
+                k = min(n, round(spec * int(entered[i])))
+            else:
+                k = int(spec)
             if k > n:
                 raise BudgetError(
-                    f"keep={s.keep} asks for {k} visual tokens but a prompt holds only {n}; use a smaller count "
+                    f"keep={spec} asks for {k} visual tokens but a prompt holds only {n} here; use a smaller count "
                     "or a fraction"
                 )
             out.append(k)
-        return torch.tensor(out, device=per.device)
+        return torch.tensor(out, dtype=torch.long, device=per.device)
 
     def _shorten_prompt(self, c: _Call, kwargs: dict) -> tuple[tuple, dict]:
         a = self.adapter
         emb = kwargs["inputs_embeds"]
         b, t, _ = emb.shape
-        seq, keep_seq = self._plan(c, emb, a.feature_layer, a.vision_layers)
-        assert c.valid0 is not None
+        assert self.schedule.output_keep is not None and c.valid is not None and c.vis is not None
+        seq, keep_seq = self._plan(c, emb, a.feature_layer, a.vision_layers, self.schedule.output_keep, "output")
         idx, valid = pack(keep_seq, left=True)
         out = dict(kwargs)
         out["inputs_embeds"] = assign.rows(seq, idx).masked_fill(~valid.unsqueeze(-1), 0)
@@ -521,7 +587,7 @@ class VLMRuntime:
         pos0 = kwargs.get("position_ids")
         if pos0 is None:
             pos0 = torch.arange(t, device=emb.device).unsqueeze(0)
-        dropped = c.valid0 & ~keep_seq
+        dropped = c.valid & ~keep_seq
         shift = last = None
         if pos0.dim() == 2 and a.shift_positions:
             before = dropped.long().cumsum(1) - dropped.long()
@@ -531,18 +597,21 @@ class VLMRuntime:
         else:
             pos = _gather_last(pos0, idx, 0 if pos0.dim() == 2 else 1)
         out["position_ids"] = pos
-        if "cache_position" in kwargs and kwargs["cache_position"] is not None:
+        if kwargs.get("cache_position") is not None:
             out["cache_position"] = torch.arange(idx.shape[1], device=emb.device)
+        c.vis = c.vis.gather(1, idx) & valid
+        c.valid = valid
+        c.n_in = c.vis.sum(1)
         c.prefix = _Prefix(t0=t, mask=valid, shift=shift, last_pos=last)
         return (), out
 
+    # ----- decoding steps -----
     def _translate(self, p: _Prefix, kwargs: dict) -> dict:
         out = dict(kwargs)
-        emb = kwargs.get("inputs_embeds")
+        emb = kwargs["inputs_embeds"]
         b, q = emb.shape[0], emb.shape[1]
         t1 = p.mask.shape[1]
-        cache = _cache_of(kwargs)
-        past = _cache_len(cache)
+        past = _cache_len(_cache_of(kwargs))
         am = kwargs.get("attention_mask")
         if am is not None:
             if am.dim() != 2 or am.shape[1] < p.t0:
@@ -557,8 +626,7 @@ class VLMRuntime:
             if pos is not None:
                 out["position_ids"] = pos.expand(b, -1) - p.shift.unsqueeze(1)
             elif p.last_pos is not None:
-                gen = past - t1
-                out["position_ids"] = p.last_pos.unsqueeze(1) + 1 + gen + torch.arange(q, device=emb.device)
+                out["position_ids"] = p.last_pos.unsqueeze(1) + 1 + (past - t1) + torch.arange(q, device=emb.device)
         if kwargs.get("cache_position") is not None:
             out["cache_position"] = kwargs["cache_position"] - (p.t0 - t1)
         return out
@@ -577,31 +645,31 @@ class VLMRuntime:
         return None
 
     # ----- inside the language model (llm:k) -----
-    def _k_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
-        c = self._call
-        if c is not None and c.prefill:
-            c.pos_emb = kwargs.get("position_embeddings")
-
-    def _k_post(self, _m: nn.Module, _args: tuple, out: Any) -> Any:
-        c = self._call
-        if c is None or not c.prefill:
-            return None
-        hs = out[0] if isinstance(out, tuple) else out
+    def _point_post(self, k: int):
         a = self.adapter
-        k = self.schedule.layer
-        assert k is not None and c.valid0 is not None
 
-        def work() -> torch.Tensor:
-            seq, keep_seq = self._plan(c, hs, k, len(a.lm_layers))
-            idx, valid = pack(keep_seq, left=True)
-            c.gather, c.deep_valid = idx, valid
-            c.prefix = _Prefix(t0=hs.shape[1], mask=c.valid0, shift=None, last_pos=None, deep_valid=valid)
-            return assign.rows(seq, idx).masked_fill(~valid.unsqueeze(-1), 0)
+        def post(_m: nn.Module, _args: tuple, out: Any) -> Any:
+            c = self._call
+            if c is None or not c.prefill or c.prefix is None:
+                return None
+            hs = out[0] if isinstance(out, tuple) else out
 
-        new = self._timed(work)
-        return (new, *out[1:]) if isinstance(out, tuple) else new
+            def work() -> torch.Tensor:
+                assert c.valid is not None and c.vis is not None and c.prefix is not None
+                seq, keep_seq = self._plan(c, hs, k, len(a.lm_layers), self.point_keep[k], "llm")
+                idx, valid = pack(keep_seq, left=True)
+                c.gather = idx if c.gather is None else c.gather.gather(1, idx)
+                c.vis = c.vis.gather(1, idx) & valid
+                c.valid = valid
+                c.prefix.deep[k] = valid
+                return assign.rows(seq, idx).masked_fill(~valid.unsqueeze(-1), 0)
 
-    def _deep_pre(self, j: int):
+            new = self._timed(work)
+            return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        return post
+
+    def _layer_pre(self, j: int):
         impl = getattr(self.adapter.lm_config, "_attn_implementation", None) or "eager"
 
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -609,60 +677,65 @@ class VLMRuntime:
             if c is None:
                 return None
             hs = args[0] if args else kwargs["hidden_states"]
+            out = None
             if c.prefill:
-                if c.gather is None:
-                    return None
-                idx, valid = c.gather, c.deep_valid
-                assert valid is not None
-                out = dict(kwargs)
-                pe = kwargs.get("position_embeddings")
-                if pe is not None:
-                    bd = 0 if pe[0].dim() == 3 else 1
-                    out["position_embeddings"] = tuple(_gather_last(t, idx, bd) for t in pe)
-                pid = kwargs.get("position_ids")
-                if pid is not None:
-                    out["position_ids"] = _gather_last(pid, idx, 0 if pid.dim() == 2 else 1)
-                if kwargs.get("cache_position") is not None:
-                    out["cache_position"] = torch.arange(idx.shape[1], device=idx.device)
-                out["attention_mask"] = _mask_like(valid, idx.shape[1], kwargs.get("attention_mask"), impl, hs.dtype)
-                return args, out
+                if c.gather is not None:
+                    idx, valid = c.gather, c.valid
+                    assert valid is not None
+                    out = dict(kwargs)
+                    pe = kwargs.get("position_embeddings")
+                    if pe is not None:
+                        bd = 0 if pe[0].dim() == 3 else 1
+                        out["position_embeddings"] = tuple(_gather_last(t, idx, bd) for t in pe)
+                    pid = kwargs.get("position_ids")
+                    if pid is not None:
+                        out["position_ids"] = _gather_last(pid, idx, 0 if pid.dim() == 2 else 1)
+                    if kwargs.get("cache_position") is not None:
+                        out["cache_position"] = torch.arange(idx.shape[1], device=idx.device)
+                    am = kwargs.get("attention_mask")
+                    out["attention_mask"] = _mask_like(valid, idx.shape[1], am, impl, hs.dtype)
+                if j in self.point_keep:
+                    c.pos_emb[j] = (out or kwargs).get("position_embeddings")
+                return None if out is None else (args, out)
             p = c.prefix
-            if p is None or p.deep_valid is None:
+            done = [k for k in (p.deep if p is not None else {}) if k < j]
+            if p is None or not done:
                 return None
+            deep = p.deep[max(done)]
             q = hs.shape[1]
             past = _cache_len(_cache_of(kwargs), j)
-            gen = past - p.deep_valid.shape[1]
+            gen = past - deep.shape[1]
             am = kwargs.get("attention_mask")
             out = dict(kwargs)
-            if am is not None or not bool(p.deep_valid.all()):
+            if am is not None or not bool(deep.all()):
                 tail = torch.ones(hs.shape[0], gen + q, dtype=torch.bool, device=hs.device)
-                valid_kv = torch.cat([p.deep_valid, tail], 1)
-                out["attention_mask"] = _mask_like(valid_kv, q, am, impl, hs.dtype)
+                out["attention_mask"] = _mask_like(torch.cat([deep, tail], 1), q, am, impl, hs.dtype)
             if kwargs.get("cache_position") is not None:
                 out["cache_position"] = torch.arange(past, past + q, device=hs.device)
             return args, out
 
         return pre
 
-    def last_token_attention(self, c: _Call) -> torch.Tensor:
-        """(B, T) softmax attention of the prompt's last token over the prompt in layer k, averaged over heads,
-        recomputed from the layer's captured queries and keys with its rotary embedding (no eager pass)."""
+    def lm_logits(self, c: _Call, layer: int, last_only: bool) -> torch.Tensor:
+        """Attention logits of language-model layer ``layer`` at prefill, (B, H, R, T) for R query rows (the last
+        one, or all), recomputed from the layer's captured queries and keys with its rotary embedding (no eager
+        pass); causal and padding entries are -inf."""
         a = self.adapter
-        if c.lm_q is None or c.lm_k is None or c.pos_emb is None:
+        lq, lk, pe = c.lm_q.get(layer), c.lm_k.get(layer), c.pos_emb.get(layer)
+        if lq is None or lk is None or pe is None:
             raise TokenThinError("internal: language-model queries/keys were not captured")
-        b, t, _ = c.lm_k.shape
+        assert c.valid is not None
+        b, t, _ = lk.shape
         h, kv, d = a.lm_heads, a.lm_kv_heads, a.lm_head_dim
-        q = c.lm_q[:, -1:].view(b, 1, h, d).transpose(1, 2)
-        k = c.lm_k.view(b, t, kv, d).transpose(1, 2)
-        cos, sin = c.pos_emb
-        cos_l = cos[..., -1:, :] if cos.dim() >= 3 else cos
-        sin_l = sin[..., -1:, :] if sin.dim() >= 3 else sin
-        layer = self.schedule.layer
-        assert layer is not None
-        q = a.rope(layer, q, cos_l, sin_l, "q")
+        rows = slice(t - 1, t) if last_only else slice(0, t)
+        q = lq[:, rows].reshape(b, -1, h, d).transpose(1, 2)
+        k = lk.view(b, t, kv, d).transpose(1, 2)
+        cos, sin = pe
+        q = a.rope(layer, q, cos[..., rows, :], sin[..., rows, :], "q")
         k = a.rope(layer, k, cos, sin, "k")
         k = k.repeat_interleave(h // kv, dim=1)
-        logits = (q.float() @ k.float().transpose(-1, -2)).squeeze(2) * a.lm_scale  # (B, H, T)
-        assert c.valid0 is not None
-        logits = logits.masked_fill(~c.valid0.unsqueeze(1), float("-inf"))
-        return logits.softmax(-1).mean(1)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * a.lm_scale  # (B, H, R, T)
+        r = logits.shape[2]
+        qi = torch.arange(t - r, t, device=logits.device).unsqueeze(1)
+        allowed = (torch.arange(t, device=logits.device).unsqueeze(0) <= qi).unsqueeze(0) & c.valid[:, None, :]
+        return logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))

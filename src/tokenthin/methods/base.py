@@ -7,8 +7,11 @@ from. A method declares
 * ``kind``: ``"merge"`` (acts at every layer boundary with a per-layer ``r``, or once with a keep count),
   ``"prune"`` (acts once, with a keep count) or ``"input"`` (acts on the image before the encoder);
 * ``sites``: which of ``"layers"`` (every boundary), ``"layer"`` (``"layer:k"``, after encoder layer k),
-  ``"output"`` (after the last encoder layer) and ``"input"`` it supports;
-* ``signals``: which of ``"keys"``, ``"cls_attn"``, ``"mean_attn"`` it reads, so adapters capture only those;
+  ``"output"`` (after the last encoder layer; on a vision-language model: before the language model),
+  ``"input"``, ``"llm"`` (``"llm:k"``, inside a language model after its layer k) and ``"output+llm"`` (two
+  stages, see :meth:`Method.llm_points`) it supports;
+* ``signals``: which of ``"keys"``, ``"cls_attn"``, ``"mean_attn"`` (the vision encoder) and ``"last_attn"``,
+  ``"lm_attn"`` (a language model's attention, at ``llm`` sites) it reads, so adapters capture only those;
 * ``params``: its own parameters with defaults and checks.
 """
 
@@ -45,6 +48,9 @@ class SignalSource:
         raise NotImplementedError
 
     def last_token_attention(self, layer: int) -> torch.Tensor:  # (B, N) inside a language model only
+        raise TokenThinError("this signal exists only inside a language model (site 'llm:k')")
+
+    def lm_attention_logits(self, layer: int) -> torch.Tensor:  # (B, H, T, T) inside a language model only
         raise TokenThinError("this signal exists only inside a language model (site 'llm:k')")
 
 
@@ -141,6 +147,11 @@ class Method:
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         """Plan the reduction at one point. ``keep`` (B,): candidate tokens each sample keeps."""
+        raise NotImplementedError
+
+    def llm_points(self, num_layers: int) -> list[tuple[int, float | int]]:
+        """For two-stage methods (``sites`` holds ``"output+llm"``): the language-model layers after which they
+        prune again, each with the fraction of the visual tokens entering the language model kept from there on."""
         raise NotImplementedError
 
     def input_size(self, height: int, width: int, patch: int, keep: float) -> tuple[int, int]:
