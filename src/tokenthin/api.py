@@ -76,7 +76,7 @@ def apply(
             calibration=calibration,
             image_size=image_size,
         )
-    if "llm" in cls.sites and not ({"layers", "layer", "output", "input"} & set(cls.sites)):
+    if not ({"layers", "layer", "output", "input"} & set(cls.sites)):
         raise UnsupportedModelError(
             f"method '{cls.name}' works inside a language model; {type(model).__name__} has none. Apply it to a "
             "vision-language model (e.g. LlavaForConditionalGeneration)"
