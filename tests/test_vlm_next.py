@@ -12,6 +12,7 @@ CASES = [
     ("fastervlm", "output"),
     ("visionzip", "output"),
     ("divprune", "output"),
+    ("tome", "output"),
     ("fastv", "llm:1"),
     ("random", "llm:2"),
 ]

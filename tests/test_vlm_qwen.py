@@ -9,7 +9,15 @@ import tokenthin
 from tiny_vlm import IMAGE_TOKEN, Q_PROMPTS, qgenerate, qwen, qwen_inputs, qwen_single
 from tokenthin.errors import TokenThinError
 
-CASES = [("divprune", "output"), ("kcenter", "output"), ("random", "output"), ("fastv", "llm:1"), ("random", "llm:2")]
+CASES = [
+    ("divprune", "output"),
+    ("kcenter", "output"),
+    ("coverage", "output"),
+    ("pool", "output"),
+    ("random", "output"),
+    ("fastv", "llm:1"),
+    ("random", "llm:2"),
+]
 TOKENS = [h * w for _, (h, w), _ in Q_PROMPTS]  # visual tokens per prompt: 4, 6, 6
 
 

@@ -200,17 +200,22 @@ def _mask_like(valid_kv: torch.Tensor, q: int, like: Any, impl: str, dtype: torc
     return m
 
 
+_PER_TOKEN = frozenset({"view", "vis_pos"})  # extras laid out like the visual tokens (B, N)
+
+
 class _VLMSignals(SignalSource):
     """Signals of one reduction point, laid out like the method's padded visual tokens (B, N)."""
 
-    def __init__(self, rt: VLMRuntime, call: _Call, flat: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, rt: VLMRuntime, call: _Call, flat: torch.Tensor, rows: torch.Tensor | None = None, n: int | None = None
+    ) -> None:
         self.rt, self.call, self.flat = rt, call, flat  # flat: (B, N) index into the tower's image-major tokens
-        self.rows = rows
+        self.rows, self.n = rows, n  # planning one sample: its row, and its own token count
         v = rt.adapter.vision
         self.has_cls = v is not None and v.num_protected >= 1
 
     def _sel(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.rows is None else t[self.rows]
+        return t if self.rows is None else t[self.rows][:, : self.n]
 
     def _pick(self, per_image: torch.Tensor) -> torch.Tensor:
         per_image = per_image[:, self.rt.adapter.drops_protected :]
@@ -252,7 +257,8 @@ class _VLMSignals(SignalSource):
     def lm_attention_logits(self, layer: int) -> torch.Tensor:
         """(B, H, T, T) attention logits of language-model layer ``layer`` over the current sequence (scaled,
         causal and padding masked with -inf); ``extras["vis_pos"]`` says where the visual tokens are."""
-        return self._sel(self.rt.lm_logits(self.call, layer, last_only=False))
+        logits = self.rt.lm_logits(self.call, layer, last_only=False)
+        return logits if self.rows is None else logits[self.rows]
 
 
 class VLMRuntime:
@@ -503,8 +509,17 @@ class VLMRuntime:
             "site": stage,
         }
 
-        def run(rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-            sel = (lambda t: t) if rows is None else (lambda t: t[rows])
+        def run(i: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            rows = None if i is None else torch.tensor([i], device=x.device)
+            n_i = vvalid.shape[1] if i is None else int(per[i])
+
+            def sel(t: torch.Tensor, visual: bool = True) -> torch.Tensor:
+                # one sample: its row, and for per-visual-token tensors its own tokens only (grid-based methods
+                # need exactly its h x w of them)
+                if rows is None:
+                    return t
+                return t[rows][:, :n_i] if visual else t[rows]
+
             inp = ReduceInput(
                 x=sel(x),
                 size=sel(size),
@@ -512,27 +527,26 @@ class VLMRuntime:
                 num_protected=0,
                 layer=layer,
                 num_layers=num_layers,
-                grid=grids[0] if rows is None else grids[int(rows[0])],
+                grid=grids[0] if i is None else grids[i],
                 pristine=out_stage,
-                signals=_VLMSignals(self, c, sel(flat), rows),
-                extras={k: sel(v) if isinstance(v, torch.Tensor) else v for k, v in extras.items()},
+                signals=_VLMSignals(self, c, sel(flat), rows, None if i is None else int(per[i])),
+                extras={k: sel(v, k in _PER_TOKEN) if isinstance(v, torch.Tensor) else v for k, v in extras.items()},
             )
-            return self.method.reduce(inp, sel(keep_n))
+            return self.method.reduce(inp, keep_n if i is None else keep_n[rows])
 
         if bool((keep_n == keep_n[0]).all()) and bool((per == per[0]).all()) and len(set(grids)) == 1:
             keep, target = run(None)
         else:  # samples keep different counts: plan each alone (a selection takes one k)
-            keeps, targets = [], []
+            n = vvalid.shape[1]
+            keep = torch.zeros_like(vvalid)
+            target = None
             for i in range(b):
-                kk, tt = run(torch.tensor([i], device=x.device))
-                keeps.append(kk)
-                targets.append(tt)
-            keep = torch.cat(keeps)
-            target = (
-                None
-                if all(t is None for t in targets)
-                else torch.cat([t if t is not None else torch.full_like(k, -1) for t, k in zip(targets, keeps)])
-            )
+                kk, tt = run(i)
+                keep[i, : kk.shape[1]] = kk[0]
+                if tt is not None:
+                    if target is None:
+                        target = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+                    target[i, : tt.shape[1]] = tt[0]
         keep = keep & vvalid
         if target is not None:
             target = target.masked_fill(keep | ~vvalid, -1)

@@ -29,6 +29,11 @@ class Pool(Method):
             raise SiteError("'pool' needs the full patch grid; apply it at the first reduction point only")
         k = uniform_keep(keep, self.name)
         h, w = inp.grid
+        if h * w != inp.x.shape[1] - inp.num_protected:
+            raise SiteError(
+                f"'pool' needs one patch grid per sample, but the {inp.x.shape[1] - inp.num_protected} tokens here "
+                f"are not a {h} x {w} grid (several images, or AnyRes views as in LLaVA-NeXT); use another method"
+            )
         oh, ow = grid_shape_for_keep(h, w, k)
         cell = grid_pool_map(h, w, oh, ow, device=inp.x.device)  # (h*w,)
         P = inp.num_protected
