@@ -31,7 +31,7 @@ from .budget import keep_count
 from .errors import BudgetError, InputMismatchError, SiteError, TokenThinError
 from .methods.base import Method, ReduceInput, SignalSource
 from .ops import assign
-from .runtime import _cpu_threads, _sync
+from .runtime import _sync
 from .scores.attention import cls_attention, mean_attention
 
 
@@ -120,6 +120,7 @@ class _Call:
     prefill: bool
     vis: torch.Tensor | None = None  # (B, T) visual tokens (candidates) of the current sequence
     valid: torch.Tensor | None = None  # (B, T) valid tokens of the current sequence
+    struct: torch.Tensor | None = None  # (B, T) image-structure tokens (row ends): kept, neither visual nor text
     prefix: _Prefix | None = None
     q: dict[int, torch.Tensor] = field(default_factory=dict)  # vision tower captures
     k: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -414,8 +415,7 @@ class VLMRuntime:
         if self.measure:
             _sync(dev)
             t0 = time.perf_counter()
-        with _cpu_threads(dev, 1):
-            out = fn()
+        out = fn()  # all threads: unlike the many small ops of per-layer merging, selections here are big matmuls
         if self.measure:
             _sync(dev)
             self.overhead_s += time.perf_counter() - t0
@@ -455,10 +455,10 @@ class VLMRuntime:
         c.view = torch.zeros_like(c.flat)
         c.flat[img] = tm.flat
         c.view[img] = tm.view
+        c.struct = torch.zeros_like(img)
         if bool(tm.newline.any()):  # structure tokens (LLaVA-NeXT row ends) stay, like text
-            nl = torch.zeros_like(img)
-            nl[img] = tm.newline
-            img = img & ~nl
+            c.struct[img] = tm.newline
+            img = img & ~c.struct
         c.vis = img
         per = img.sum(1)
         c.n_vis = per.tolist()
@@ -500,7 +500,8 @@ class VLMRuntime:
             grids = [(0, 0)] * b
             keep_n = self._keep_counts(per, spec, c.n_in)
         size = c.size if c.size.shape[1] == vvalid.shape[1] else vvalid.float()
-        tpos, tvalid = pack(c.valid & ~c.vis, left=False)
+        assert c.struct is not None
+        tpos, tvalid = pack(c.valid & ~c.vis & ~c.struct, left=False)
         extras = {
             "text": assign.rows(x_seq, tpos),
             "text_valid": tvalid,
@@ -614,6 +615,7 @@ class VLMRuntime:
         if kwargs.get("cache_position") is not None:
             out["cache_position"] = torch.arange(idx.shape[1], device=emb.device)
         c.vis = c.vis.gather(1, idx) & valid
+        c.struct = c.struct.gather(1, idx) & valid if c.struct is not None else None
         c.valid = valid
         c.n_in = c.vis.sum(1)
         c.prefix = _Prefix(t0=t, mask=valid, shift=shift, last_pos=last)
@@ -674,6 +676,7 @@ class VLMRuntime:
                 idx, valid = pack(keep_seq, left=True)
                 c.gather = idx if c.gather is None else c.gather.gather(1, idx)
                 c.vis = c.vis.gather(1, idx) & valid
+                c.struct = c.struct.gather(1, idx) & valid if c.struct is not None else None
                 c.valid = valid
                 c.prefix.deep[k] = valid
                 return assign.rows(seq, idx).masked_fill(~valid.unsqueeze(-1), 0)

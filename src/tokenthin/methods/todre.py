@@ -66,13 +66,14 @@ class ToDRE(Method):
             return keep_indices(inp, k_center_greedy(inp.x, k, inp.candidates)), None
         if k == 0:
             return torch.zeros_like(inp.valid), None
-        att = inp.signals.lm_attention_logits(inp.layer).softmax(-1)  # (B, H, T, T); masked entries are 0
-        att = torch.nan_to_num(att, nan=0.0).mean(1)  # (B, T, T)
+        logits = inp.signals.lm_attention_logits(inp.layer)  # (B, H, T, T), -inf where masked
+        seq_valid = torch.isfinite(logits[:, 0].diagonal(dim1=-2, dim2=-1))  # a valid token sees itself
+        att = torch.nan_to_num(logits.softmax(-1), nan=0.0).mean(1)  # (B, T, T); padded rows are 0
+        del logits
         vis_pos = inp.extras["vis_pos"]
         t = att.shape[1]
         is_vis = torch.zeros(att.shape[0], t, dtype=torch.bool, device=att.device)
         is_vis.scatter_(1, vis_pos, inp.valid)
-        seq_valid = torch.isfinite(inp.signals.lm_attention_logits(inp.layer)[:, 0].diagonal(dim1=-2, dim2=-1))
         text_rows = (seq_valid & ~is_vis).float()  # (B, T)
         relevance = (att * text_rows.unsqueeze(-1)).sum(1) / text_rows.sum(1, keepdim=True).clamp_min(1)
         score = relevance.gather(1, vis_pos)
