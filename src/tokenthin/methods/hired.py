@@ -1,0 +1,216 @@
+"""HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution Vision-Language Models
+(Arif et al., AAAI 2025), arXiv 2408.10945.
+
+Algorithm (one reduction point after encoder layer ``l``, keeping ``k`` patch tokens of an image cut into
+partitions):
+1. visual content: score every partition by the [CLS] attention its patch tokens get in an early encoder layer
+   (``l_init``, heads averaged), summed over the partition;
+2. budget distribution: split ``k`` over the partitions in proportion to their content scores (a partition never
+   gets more tokens than it has);
+3. token selection: in every partition keep its budget of patch tokens with the highest [CLS] attention in the
+   layer at the site (``l_final``, heads averaged), in their original order; drop the rest.
+
+What the paper and its official code (hasanar1f/HiRED, ``modeling_llava_next.py``) fix:
+* the layers: the first encoder layer (``vit_top_layer = 0``) for the budget and LLaVA's feature layer, the
+  penultimate one (``vit_bottom_layer = 22`` of CLIP ViT-L/14's 24), for the selection. Here: ``early_layer=0``
+  and the layer at the site (``site="layer:-2"`` on a plain ViT reproduces LLaVA);
+* [CLS] attention with the heads summed (the same ranking as their mean), the [CLS] row restricted to patches.
+
+Partitions. On LLaVA-NeXT the partitions are the base (full) image and its AnyRes crops: the base image gets a
+fixed share ``alpha`` of the budget and the crops share the rest by the base image's early attention over the
+region each crop covers. A plain LLaVA or ViT sees one image per sample, so here each sample's patch grid is cut
+into ``partitions x partitions`` sub-images (row and column bands of near-equal size; default 1: the whole image
+is one partition and HiRED is plain top-k by final-layer [CLS] attention, like FasterVLM); the parameter exists to
+exercise the budget distribution on single-image hosts. AnyRes prompts (several views per sample) are refused:
+the method does not see where each crop lies in the base image, which step 1 needs.
+
+Choices left open, and ours:
+* the content score is the sum of the early layer's [CLS] attention over the partition's tokens; the released
+  code instead counts how many of the base image's top ``(1 - alpha) * N`` early-attention tokens fall in each
+  crop's region (a thresholded version of the same sum);
+* budgets are exact: proportional shares, partitions that would overflow are filled and the rest re-shared among
+  the others, then largest-remainder rounding (ties to the lower partition index), so exactly ``k`` tokens are
+  kept. The released code floors each share and may keep fewer than the budget;
+* an all-zero content score (only possible with hand-made scores) shares the budget by partition size;
+* ``score="mean"`` (attention received, averaged over queries and heads) serves encoders without [CLS] such as
+  SigLIP; the default ``"cls"`` refuses them with a message naming that option;
+* protected tokens ([CLS], registers) are kept on top of ``k``; the method acts only on an unreduced full patch
+  grid (``inp.pristine``); ties go to the lowest token index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..errors import TokenThinError
+from .base import Method, Param, Plan, ReduceInput, positive_int, register, uniform_keep
+
+
+def _score_kind(v: Any) -> str | None:
+    return None if v in ("cls", "mean") else "must be 'cls' ([CLS] attention) or 'mean' (attention received)"
+
+
+def _layer_index(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool)
+    return None if ok else "must be an int: an encoder layer index (negative counts from the last layer)"
+
+
+def resolve_layer(name: str, what: str, layer: int, point_layer: int, num_layers: int) -> int:
+    """An encoder layer index (negative from the end) checked to run no later than the reduction point."""
+    if not -num_layers <= layer < num_layers:
+        raise TokenThinError(f"'{name}': {what}={layer} is outside the encoder's {num_layers} layers")
+    layer %= num_layers
+    if layer > point_layer:
+        raise TokenThinError(
+            f"'{name}': {what}={layer} runs after the reduction point (layer {point_layer}); choose a layer "
+            f"<= {point_layer} or a later site"
+        )
+    return layer
+
+
+def patch_grid(inp: ReduceInput, name: str) -> tuple[int, int]:
+    """(h, w) of the sample's image, checking that the candidates are exactly its full patch grid, row-major."""
+    h, w = inp.grid
+    n = inp.valid.shape[1] - inp.num_protected
+    if not inp.pristine or h * w == 0 or h * w != n or not bool(inp.valid.all()):
+        raise TokenThinError(
+            f"'{name}' needs every sample's tokens to be one image's full patch grid ({n} tokens for grid {h}x{w}): "
+            "it works on one image per prompt (LLaVA) and on ViT encoders before any other reduction, not on "
+            "several images per prompt or AnyRes crops (LLaVA-NeXT), nor after another reduction"
+        )
+    return h, w
+
+
+def attention_score(inp: ReduceInput, kind: str, layer: int, name: str) -> torch.Tensor:
+    """(B, N) [CLS] attention or attention received in ``layer``, checked against the tokens at the site."""
+    if kind == "cls":
+        if not inp.has_cls:
+            raise TokenThinError(
+                f"this model has no [CLS] token; '{name}' can score by the attention each token receives "
+                "(averaged over queries and heads) instead: pass score='mean'"
+            )
+        s = inp.cls_attention(layer)
+    else:
+        s = inp.mean_attention(layer)
+    if s.shape != inp.valid.shape:
+        raise TokenThinError(
+            f"'{name}': layer {layer} saw {s.shape[1]} tokens but layer {inp.layer} has {inp.valid.shape[1]}; "
+            "the method needs an unreduced token sequence"
+        )
+    return s.float().nan_to_num(nan=-math.inf)
+
+
+def rank_in_groups(score: torch.Tensor, group: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """(B, N) rank of every token inside its group (0 = highest score; ties to the lower index)."""
+    b, n = score.shape
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices
+    order = order.gather(1, torch.sort(group.gather(1, order), dim=1, stable=True).indices)
+    g_sorted = group.gather(1, order)
+    sizes = torch.zeros(b, num_groups, dtype=torch.long, device=score.device)
+    sizes.scatter_add_(1, group, torch.ones_like(group))
+    start = (sizes.cumsum(1) - sizes).gather(1, g_sorted)
+    pos = torch.arange(n, device=score.device).expand(b, n)
+    return torch.empty_like(order).scatter_(1, order, pos - start)
+
+
+def apportion(weight: torch.Tensor, cap: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, P) integer budgets summing to ``k``: proportional to ``weight`` (>= 0), at most ``cap`` each.
+
+    Partitions whose share reaches their capacity are filled and the remaining budget is shared among the others
+    (repeated until no share overflows; where the others' weights are all zero, by their sizes); the shares are then
+    floored and the leftover tokens go, one each, to the partitions with the largest fractional parts (ties to the
+    lower partition index). ``sum(cap) >= k`` per sample.
+    """
+    weight = weight.double()
+    cap_f = cap.double()
+    share = torch.zeros_like(weight)
+    active = torch.ones_like(weight, dtype=torch.bool)
+    left = torch.full_like(weight[:, 0], float(k))
+    for _ in range(weight.shape[1]):
+        w = weight * active
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, cap_f * active)  # no signal left: share by size
+        q = left.unsqueeze(1) * w / w.sum(1, keepdim=True).clamp_min(1e-300)
+        over = active & (q >= cap_f)
+        if not bool(over.any()):
+            share = torch.where(active, q, share)
+            break
+        share = torch.where(over, cap_f, share)
+        left = left - (cap_f * over).sum(1)
+        active = active & ~over
+    base = share.floor().long().minimum(cap)
+    rest = k - base.sum(1, keepdim=True)  # (B, 1)
+    frac = (share - base).masked_fill(base >= cap, -1.0)
+    order = torch.sort(frac, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(
+        1, order, torch.arange(order.shape[1], device=order.device).expand_as(order)
+    )
+    return base + (rank < rest).long()
+
+
+@register
+class HiRED(Method):
+    name = "hired"
+    title = "HiRED: Attention-Guided Token Dropping for Efficient Inference of High-Resolution Vision-Language Models"
+    arxiv = "2408.10945"
+    summary = (
+        "share the budget over image partitions by early-layer [CLS] attention, then keep each partition's top "
+        "tokens by [CLS] attention of the layer at the site"
+    )
+    kind = "prune"
+    sites = ("layer", "output")
+    default_site = "output"
+    signals = frozenset({"cls_attn"})  # what the default score reads; score="mean" reads "mean_attn" instead
+    params = {
+        "partitions": Param(
+            1,
+            "cut each image's patch grid into partitions x partitions sub-images that share the budget by content "
+            "(1: the whole image is one partition)",
+            positive_int,
+        ),
+        "early_layer": Param(
+            0,
+            "encoder layer whose attention scores each partition's visual content (the paper: the first layer)",
+            _layer_index,
+        ),
+        "score": Param(
+            "cls",
+            "'cls' ([CLS] attention, the paper) or 'mean' (attention received; for encoders without [CLS])",
+            _score_kind,
+        ),
+    }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.p["score"] == "mean":
+            self.signals = frozenset({"mean_attn"})
+
+    def signal_layers(self, point_layer: int, num_layers: int) -> list[int]:
+        early = resolve_layer(self.name, "early_layer", self.p["early_layer"], point_layer, num_layers)
+        return sorted({early, point_layer})
+
+    def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
+        k = uniform_keep(keep, self.name)
+        h, w = patch_grid(inp, self.name)
+        g = self.p["partitions"]
+        if g > min(h, w):
+            raise TokenThinError(f"'hired': partitions={g} exceeds the {h}x{w} patch grid; use at most {min(h, w)}")
+        P = inp.num_protected
+        early = resolve_layer(self.name, "early_layer", self.p["early_layer"], inp.layer, inp.num_layers)
+        content = attention_score(inp, self.p["score"], early, self.name)[:, P:]
+        final = attention_score(inp, self.p["score"], inp.layer, self.name)[:, P:]
+        dev = final.device
+        rows = torch.arange(h, device=dev) * g // h
+        cols = torch.arange(w, device=dev) * g // w
+        part = (rows.unsqueeze(1) * g + cols.unsqueeze(0)).flatten().expand_as(final)  # (B, h*w)
+        b = final.shape[0]
+        weight = torch.zeros(b, g * g, dtype=torch.float64, device=dev)
+        weight.scatter_add_(1, part, content.double().clamp_min(0.0))
+        cap = torch.zeros(b, g * g, dtype=torch.long, device=dev).scatter_add_(1, part, torch.ones_like(part))
+        budget = apportion(weight, cap, k)  # (B, g*g)
+        chosen = rank_in_groups(final, part, g * g) < budget.gather(1, part)
+        out = torch.ones_like(inp.valid)
+        out[:, P:] = chosen
+        return out & inp.valid, None
