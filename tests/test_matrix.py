@@ -10,7 +10,8 @@ from tiny import FAMILIES, build, max_diff, outputs
 from tokenthin.methods.base import all_methods
 
 CALIBRATING = {"dtome"}  # tested with calibration images in their own file
-METHODS = [name for name in all_methods() if name not in CALIBRATING]
+ENCODER_SITES = {"layers", "layer", "output", "input"}  # methods that only act inside a language model: test_vlm*.py
+METHODS = [n for n, c in all_methods().items() if n not in CALIBRATING and ENCODER_SITES & set(c.sites)]
 NO_CLS = {"siglip"}
 
 

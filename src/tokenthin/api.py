@@ -239,7 +239,7 @@ def methods() -> list[dict[str, Any]]:
                 "paper": cls.title,
                 "arxiv": cls.arxiv,
                 "kind": cls.kind,
-                "sites": ["layer:k" if s == "layer" else s for s in cls.sites],
+                "sites": [{"layer": "layer:k", "llm": "llm:k"}.get(s, s) for s in cls.sites],
                 "default_site": cls.default_site,
                 "parameters": {k: {"default": p.default, "doc": p.doc} for k, p in cls.params.items()},
                 "description": cls.summary,
