@@ -86,6 +86,20 @@ def test_cached_generation_equals_recomputing_each_step(model, inputs, method, s
     assert (a[1] - b[1]).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize(("method", "site"), [("visionzip", "output"), ("random", "llm:1")])
+def test_beam_search_batch_equals_singles_and_cache(model, inputs, method, site):
+    """Beams repeat every prompt after the vision tower ran once per image; the reduction follows."""
+    ids, mask, pv = inputs
+    kw = dict(max_new_tokens=4, num_beams=3, do_sample=False, suppress_tokens=[IMAGE_TOKEN], pad_token_id=0)
+    with tokenthin.applied(model, method, keep=0.5, site=site):
+        out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, **kw)
+        again = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pv, use_cache=False, **kw)
+        for i, p in enumerate(PROMPTS):
+            one = model.generate(input_ids=torch.tensor([p]), pixel_values=pv[i : i + 1], **kw)
+            assert torch.equal(one[0, -4:], out[i, -4:])
+    assert torch.equal(out, again)
+
+
 def test_reduction_changes_generation_and_shortens_prompt(model, inputs, reference):
     ids, mask, pv = inputs
     with tokenthin.applied(model, "fastervlm", keep=2):

@@ -52,27 +52,43 @@ class TokenMap:
     grids: list[tuple[int, int]]  # per sample: its image's token grid; (0, 0) for several images / AnyRes
 
 
-def assign_images(per: list[int], layout: list[tuple[int, tuple[int, int]]] | None) -> list[tuple[int, int]]:
-    """Each sample's image grid (h, w), (0, 0) where a sample holds several images; checks that the prompts'
-    image tokens match what the vision tower produced."""
-    if layout is None:
-        raise TokenThinError("internal: the vision tower did not run before the language model")
+def _walk(per: list[int], layout: list[tuple[int, tuple[int, int]]]) -> list[list[int]] | None:
+    """Images of each sample, consumed in order; None if the token counts do not line up."""
     out, i = [], 0
-    for s, n in enumerate(per):
-        got, grids = 0, []
+    for n in per:
+        got, imgs = 0, []
         while got < n and i < len(layout):
             got += layout[i][0]
-            grids.append(layout[i][1])
+            imgs.append(i)
             i += 1
         if got != n:
-            raise InputMismatchError(
-                f"sample {s} holds {n} image tokens but its images give {got}; build prompts with the model's "
-                "processor (one image-token run per image)"
-            )
-        out.append(grids[0] if len(grids) == 1 else (0, 0))
-    if i != len(layout):
-        raise InputMismatchError(f"{len(layout)} images were given for {i} images' worth of image tokens")
-    return out
+            return None
+        out.append(imgs)
+    return out if i == len(layout) else None
+
+
+def assign_images(
+    per: list[int], layout: list[tuple[int, tuple[int, int]]] | None
+) -> tuple[list[tuple[int, int]], list[list[int]]]:
+    """Each sample's image grid (h, w) ((0, 0) where a sample holds several images) and its images' indices in the
+    vision tower's batch. ``generate()`` with beams or ``num_return_sequences`` repeats every prompt ``r`` times
+    after the tower ran once per image: then each run of ``r`` samples shares its images."""
+    if layout is None:
+        raise TokenThinError("internal: the vision tower did not run before the language model")
+    imgs = _walk(per, layout)
+    total = sum(t for t, _ in layout)
+    if imgs is None and total and sum(per) % total == 0 and len(per) % (sum(per) // total) == 0:
+        r = sum(per) // total
+        base = _walk(per[::r], layout)
+        if base is not None and all(per[s] == per[(s // r) * r] for s in range(len(per))):
+            imgs = [base[s // r] for s in range(len(per))]
+    if imgs is None:
+        raise InputMismatchError(
+            f"the prompts hold {per} image tokens but the {len(layout)} image(s) give "
+            f"{[t for t, _ in layout]}; build prompts with the model's processor (one image-token run per image)"
+        )
+    grids = [layout[g[0]][1] if len(g) == 1 else (0, 0) for g in imgs]
+    return grids, imgs
 
 
 class VLMAdapter:
@@ -110,9 +126,13 @@ class VLMAdapter:
     def token_map(self, rows: torch.Tensor, per: list[int], rt: Any) -> TokenMap:
         """Map the prompt's image-token embeddings ``rows`` (M, D) to the vision tower's tokens. Default: the
         features were scattered in image-major order, one image after another, nothing re-packed."""
-        m = rows.shape[0]
-        zeros = torch.zeros(m, dtype=torch.long, device=rows.device)
-        return TokenMap(torch.arange(m, device=rows.device), zeros.bool(), zeros, assign_images(per, rt._layout))
+        grids, imgs = assign_images(per, rt._layout)
+        start = [0]
+        for t, _ in rt._layout:
+            start.append(start[-1] + t)
+        flat = torch.cat([torch.arange(start[img], start[img + 1], device=rows.device) for g in imgs for img in g])
+        zeros = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+        return TokenMap(flat, zeros.bool(), zeros, grids)
 
     # ----- language-model attention, for scores inside the LLM -----
     def lm_qk_modules(self, i: int) -> tuple[nn.Module, nn.Module]:
