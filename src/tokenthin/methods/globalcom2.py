@@ -1,0 +1,169 @@
+"""GlobalCom^2: Global Compression Commander for Plug-and-Play Inference Acceleration of High-Resolution Large
+Vision-Language Models (Liu et al., AAAI 2026), arXiv 2501.05179 (v1 titled "Compression with Global Guidance:
+Towards Training-free High-Resolution MLLMs Acceleration").
+
+Algorithm (at the encoder output of an AnyRes model, each image = a thumbnail (base view) + crops, keep ratio R):
+1. thumbnail: keep its ``R * n_0`` tokens with the highest [CLS] attention of the thumbnail itself;
+2. crop importance: every crop scores the thumbnail's [CLS] attention summed over the region of the thumbnail it
+   covers; ``sigma = softmax(score / temperature)`` over the image's crops;
+3. crop budgets: crop ``c`` keeps the fraction ``R * (1 + sigma_c - mean(sigma))`` (at most 1) of its tokens;
+4. token importance inside a crop: its own [CLS] attention (local, the crop's own softmax) L2-normalised over the
+   crop, plus the thumbnail's attention map bilinearly resized to the image's (unpadded) high-resolution token grid
+   at the token's place (global), L2-normalised over the crop; each crop keeps its budget of top tokens.
+
+What the official code (xuyang-liu16/GlobalCom2, ``llava/model/llava_arch.py``) fixes: ``temperature = 10``, one
+retention ratio shared by thumbnail and crops, the global map resized with ``F.interpolate(mode="bilinear",
+align_corners=False)`` to the unpadded grid, [CLS] attention of the LLaVA feature layer with heads averaged.
+
+Choices left open, and ours:
+* ``R = k / N`` (the sample's keep count over its visual tokens); the per-view counts of steps 1 and 3 are then
+  shared out so that exactly ``k`` tokens are kept (:func:`~tokenthin.methods.hired.apportion`: proportional to
+  those counts, capped by each view's size, largest remainders; ties to the lower view). The released code floors
+  every count (``int(N * scale)``) and keeps a little less than the budget;
+* where a crop lies: the runtime gives each token's view (``extras["view"]``) and its place in the prompt
+  (``extras["vis_pos"]``); a crop token's row in the image's unpadded grid is the number of row ends (gaps in
+  ``vis_pos``) before it, its column its place inside that row. The crop's thumbnail region (step 2) is the set of
+  thumbnail cells whose centres fall on that crop's tokens once the thumbnail is stretched over the unpadded grid.
+  The released code splits the thumbnail into equal blocks of the *padded* crop grid; ours follows the unpadding,
+  which is what the thumbnail shows (it is the whole image, unpadded);
+* on a host without AnyRes views (plain LLaVA, every token has view 0) there are no crops: each image is one
+  thumbnail and the method is top-k by [CLS] attention (FasterVLM). We do not invent a partition grid there: the
+  paper's budgets come from a thumbnail that looks at crops, which such an image does not have;
+* ties go to the lowest token index.
+* sites: ``output`` (the paper's place, before the language model) and ``layer:k`` of a ViT-like encoder,
+  where there are no AnyRes views and [CLS], registers stay protected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import TokenThinError
+from .base import Method, Param, Plan, ReduceInput, register, uniform_keep
+from .hired import apportion, rank_in_groups
+
+
+def _positive(v: Any) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
+    return None if ok else "must be a positive number (the paper's code: 10)"
+
+
+def image_starts(view: torch.Tensor) -> torch.Tensor:
+    """(N,) image index of each token of one sample (views in prompt order; -1 = padding, image -1)."""
+    prev = torch.cat([view.new_full((1,), -1), view[:-1]])
+    start = (view == 0) & (prev != 0)
+    return torch.where(view >= 0, start.long().cumsum(0) - 1, torch.full_like(view, -1))
+
+
+def crop_grid(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Row and column of each crop token (prompt order) in the image's unpadded grid, and the grid's (H, W).
+
+    A row ends where the prompt positions jump (the row-end token the runtime keeps sits in between)."""
+    jump = torch.cat([pos.new_zeros(1), (pos[1:] - pos[:-1] > 1).long()])
+    row = jump.cumsum(0)
+    h = int(row[-1]) + 1
+    lengths = torch.bincount(row, minlength=h)
+    w = int(lengths[0])
+    if not bool((lengths == w).all()):
+        raise TokenThinError(
+            "'globalcom2': the crops' tokens do not form full rows of one grid; the method needs LLaVA-NeXT's "
+            "unreduced AnyRes layout (site 'output', nothing reduced before)"
+        )
+    col = torch.arange(pos.numel(), device=pos.device) - (lengths.cumsum(0) - lengths)[row]
+    return row, col, h, w
+
+
+@register
+class GlobalCom2(Method):
+    name = "globalcom2"
+    title = (
+        "GlobalCom^2: Global Compression Commander for Plug-and-Play Inference Acceleration of High-Resolution "
+        "Large Vision-Language Models"
+    )
+    arxiv = "2501.05179"
+    summary = (
+        "AnyRes: the thumbnail's [CLS] attention shares the budget over the crops; crops keep their top tokens by "
+        "local plus thumbnail-guided [CLS] attention, the thumbnail its own top tokens"
+    )
+    kind = "prune"
+    sites = ("layer", "output")
+    default_site = "output"
+    signals = frozenset({"cls_attn"})
+    params = {
+        "temperature": Param(
+            10.0,
+            "softmax temperature over the crops' thumbnail attention (larger: budgets closer to uniform)",
+            _positive,
+        ),
+    }
+
+    def _one(self, att: torch.Tensor, view: torch.Tensor, pos: torch.Tensor, ratio: float):
+        """One sample: (group (N,) with -1 for non-candidates, selection score (N,), per-group target counts)."""
+        group = torch.full_like(view, -1)
+        score = att.clone()
+        targets: list[float] = []
+        img = image_starts(view)
+        for m in range(int(img.max()) + 1 if bool((img >= 0).any()) else 0):
+            thumb = ((img == m) & (view == 0)).nonzero().flatten()
+            crops = ((img == m) & (view >= 1)).nonzero().flatten()
+            group[thumb] = len(targets)
+            targets.append(ratio * thumb.numel())
+            if crops.numel() == 0:
+                continue
+            s = math.isqrt(thumb.numel())
+            if s * s != thumb.numel():
+                raise TokenThinError(f"'globalcom2': a thumbnail of {thumb.numel()} tokens is not a square grid")
+            row, col, h, w = crop_grid(pos[crops])
+            a0 = att[thumb].view(s, s)
+            glob = F.interpolate(a0[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0][row, col]
+            cview = view[crops]
+            cmap = torch.full((h, w), -1, dtype=torch.long, device=att.device)
+            cmap[row, col] = cview
+            centre = torch.arange(s, device=att.device, dtype=torch.float64) + 0.5
+            ry = (centre * h / s).long().clamp(max=h - 1)
+            rx = (centre * w / s).long().clamp(max=w - 1)
+            owner = cmap[ry][:, rx].flatten()  # the crop under each thumbnail cell's centre
+            ids = torch.unique(cview)  # sorted crop numbers present
+            mass = torch.zeros(ids.numel(), dtype=torch.float64, device=att.device)
+            hit = torch.searchsorted(ids, owner.clamp(min=0))
+            ok = (owner >= 0) & (hit < ids.numel())
+            mass.index_add_(0, hit[ok], a0.flatten()[ok].double())
+            sigma = torch.softmax(mass / self.p["temperature"], 0)
+            scale = (ratio * (1 + sigma - sigma.mean())).clamp(max=1.0)
+            for j, c in enumerate(ids.tolist()):
+                sel = cview == c
+                tok = crops[sel]
+                group[tok] = len(targets)
+                targets.append(float(scale[j]) * tok.numel())
+                score[tok] = F.normalize(att[tok], dim=0) + F.normalize(glob[sel], dim=0)
+        return group, score, targets
+
+    def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
+        k = uniform_keep(keep, self.name)
+        cand = inp.candidates
+        b, n = cand.shape
+        att = inp.cls_attention().float().nan_to_num(nan=0.0)
+        if att.shape != cand.shape:
+            raise TokenThinError("'globalcom2' needs the [CLS] attention of the unreduced tokens (site 'output')")
+        view = inp.extras.get("view")
+        view = torch.zeros_like(cand, dtype=torch.long) if view is None else view.long()
+        view = view.masked_fill(~cand, -1)
+        pos = inp.extras.get("vis_pos")
+        pos = torch.arange(n, device=cand.device).expand(b, n) if pos is None else pos
+        counts = cand.sum(1)
+        plans = [self._one(att[i], view[i], pos[i], k / max(int(counts[i]), 1)) for i in range(b)]
+        g = max(len(t) for _, _, t in plans) + 1  # the last group holds the non-candidates, with no budget
+        weight = torch.zeros(b, g, dtype=torch.float64, device=cand.device)
+        group = torch.stack([gr.masked_fill(gr < 0, g - 1) for gr, _, _ in plans])
+        for i, (_, _, t) in enumerate(plans):
+            weight[i, : len(t)] = torch.tensor(t, dtype=torch.float64)
+        cap = torch.zeros(b, g, dtype=torch.long, device=cand.device).scatter_add_(1, group, cand.long())
+        budget = apportion(weight, cap, k)
+        score = torch.stack([s for _, s, _ in plans])
+        chosen = rank_in_groups(score, group, g) < budget.gather(1, group)
+        out = (chosen & cand) | (inp.valid & ~cand)  # protected tokens are kept
+        return out & inp.valid, None
