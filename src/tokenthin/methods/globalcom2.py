@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TokenThinError
+from ..ops.select import apportion, rank_in_groups
 from .base import Method, Param, Plan, ReduceInput, register, uniform_keep
-from .hired import apportion, rank_in_groups
 
 
 def _positive(v: Any) -> str | None:

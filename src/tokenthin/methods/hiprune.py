@@ -39,8 +39,9 @@ from typing import Any
 import torch
 
 from ..errors import TokenThinError
+from ..ops.select import rank_in_groups
 from .base import Method, Param, Plan, ReduceInput, register, uniform_keep
-from .hired import attention_score, patch_grid, rank_in_groups, resolve_layer
+from .hired import attention_score, patch_grid, resolve_layer
 
 
 def _alpha(v: Any) -> str | None:

@@ -43,10 +43,9 @@ from typing import Any
 import torch
 
 from ..errors import TokenThinError
-from ..ops.select import _per_sample_matmul
+from ..ops.select import apportion, per_sample_matmul, rank_in_groups
 from ..ops.similarity import normalize
 from .base import Method, Param, Plan, ReduceInput, positive_int, register, uniform_keep
-from .hired import apportion, rank_in_groups
 
 
 def _nonneg(v: Any) -> str | None:
@@ -123,7 +122,7 @@ class HoloV(Method):
             part = sequence_partitions(cand, g)
         part = part.masked_fill(~cand, g)  # group g: non-candidates, no budget
         xn = normalize(inp.x.float())
-        sim = _per_sample_matmul(xn, xn)  # (B, N, N) cosine similarity
+        sim = per_sample_matmul(xn, xn)  # (B, N, N) cosine similarity
         n = cand.shape[1]
         same = (part.unsqueeze(2) == part.unsqueeze(1)) & cand.unsqueeze(2) & cand.unsqueeze(1)
         same &= ~torch.eye(n, dtype=torch.bool, device=cand.device)
