@@ -32,12 +32,14 @@ def test_format_table():
             "edit": 0.0,
             "decode_time_ratio": 0.9,
             "encode_time_ratio": 1.0,
+            "memory_ratio": 0.6,
+            "own_share": 0.012,
             "tokens": 512.0,
         },
         {"method": "fastervlm", "keep": 0.5, "error": "no [CLS] token"},
     ]
     table = format_ocr_table(rows)
-    assert table.count("\n") == 3 and "| tome | 0.50 | 1.00 | 0.000 | 0.90 | 1.00 | 512 |" in table
+    assert table.count("\n") == 3 and "| tome | 0.50 | 1.00 | 0.000 | 0.90 | 1.00 | 0.60 | 1.2% | 512 |" in table
     assert "n/a: no [CLS] token" in table
 
 

@@ -93,7 +93,10 @@ def run_bench(
     formulas: int = 12,
 ) -> Path:
     known = all_methods()
-    chosen = [m.strip() for m in methods.split(",") if m.strip()] or [m for m in known if m not in BASELINES]
+    encoder_sites = {"layers", "layer", "output", "input"}  # these tasks run vision encoders (and an encoder-decoder)
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or [
+        m for m, c in known.items() if m not in BASELINES and encoder_sites & set(c.sites)
+    ]
     for m in chosen:
         if m not in known:
             raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .memory import peak_memory
+
 BASELINES = ("random", "pool", "downsample")
 _GREEK = (r"\alpha", r"\beta", r"\gamma", r"\theta", r"\lambda", r"\mu", r"\pi", r"\sigma", r"\omega", r"\phi")
 _LATIN = ("a", "b", "c", "x", "y", "z", "n", "k", "t")
@@ -152,6 +154,18 @@ def run_ocr_bench(
                         rt.detach()
                     t[reduced][0] += _timed(encode)[1]
                     t[reduced][1] += _timed(decode)[1]
+            mem = {}
+            for reduced in (False, True):  # peak memory of a whole decode, and tokenthin's own time in it
+                if reduced and not rt.handles:
+                    rt.attach()
+                elif not reduced and rt.handles:
+                    rt.detach()
+                rt.measure, rt.overhead_s = reduced, 0.0
+                with peak_memory(torch.device("cpu")) as m:
+                    t_dec = _timed(decode)[1]
+                mem[reduced] = m["mb"] or 0.0
+                own = rt.overhead_s / t_dec if reduced else 0.0
+            rt.measure = False
         finally:
             api.remove(model)
         rows.append(
@@ -161,6 +175,8 @@ def run_ocr_bench(
                 "edit": sum(normalised_edit(a, b) for a, b in zip(out, full)) / len(full),
                 "decode_time_ratio": t[True][1] / t[False][1],
                 "encode_time_ratio": t[True][0] / t[False][0],
+                "memory_ratio": mem[True] / max(mem[False], 1e-9),
+                "own_share": own,
                 "tokens": kept,
             }
         )
@@ -169,14 +185,16 @@ def run_ocr_bench(
 
 def format_ocr_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of :func:`run_ocr_bench` rows."""
-    head = "| method | keep | exact | edit | decode time | encode time | tokens |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head = "| method | keep | exact | edit | decode time | encode time | peak memory | own time | tokens |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['method']} | {r['keep']:.2f} | n/a: {r['error']} | | | | |")
+            lines.append(f"| {r['method']} | {r['keep']:.2f} | n/a: {r['error']} | | | | | | |")
             continue
+        mem = f"{r['memory_ratio']:.2f}" if "memory_ratio" in r else "-"
+        own = f"{100 * r['own_share']:.1f}%" if "own_share" in r else "-"
         lines.append(
             f"| {r['method']} | {r['keep']:.2f} | {r['exact']:.2f} | {r['edit']:.3f} | "
-            f"{r['decode_time_ratio']:.2f} | {r['encode_time_ratio']:.2f} | {r['tokens']:.0f} |"
+            f"{r['decode_time_ratio']:.2f} | {r['encode_time_ratio']:.2f} | {mem} | {own} | {r['tokens']:.0f} |"
         )
     return "\n".join(lines)
