@@ -9,6 +9,7 @@ import tokenthin
 from tokenthin.adapters.base import find_adapter
 from tokenthin.adapters.hf_encoder_decoder import HFEncoderDecoderAdapter
 from tokenthin.errors import TokenThinError
+from tokenthin.methods.base import all_methods
 
 transformers = pytest.importorskip("transformers")
 
@@ -101,6 +102,8 @@ def _budget(name: str, site: str) -> dict:
 def _cases() -> list[tuple[str, str]]:
     out = []
     for m in tokenthin.methods():
+        if all_methods()[m["name"]].needs_prompt:  # reads a prompt: vision-language hosts only
+            continue
         for site in m["sites"]:
             if site.startswith("llm") or site == "output+llm":  # inside a language model: tests/test_vlm*.py
                 continue

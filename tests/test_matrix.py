@@ -11,7 +11,11 @@ from tokenthin.methods.base import all_methods
 
 CALIBRATING = {"dtome"}  # tested with calibration images in their own file
 ENCODER_SITES = {"layers", "layer", "output", "input"}  # methods that only act inside a language model: test_vlm*.py
-METHODS = [n for n, c in all_methods().items() if n not in CALIBRATING and ENCODER_SITES & set(c.sites)]
+METHODS = [
+    n
+    for n, c in all_methods().items()
+    if n not in CALIBRATING and ENCODER_SITES & set(c.sites) and not c.needs_prompt  # prompt readers: test_vlm*.py
+]
 NO_CLS = {"siglip"}
 
 

@@ -76,6 +76,11 @@ def apply(
             calibration=calibration,
             image_size=image_size,
         )
+    if cls.needs_prompt:
+        raise UnsupportedModelError(
+            f"method '{cls.name}' reads the prompt's text tokens; {type(model).__name__} has no prompt. Apply it to a "
+            "vision-language model (LLaVA, LLaVA-NeXT, Qwen2-VL), or use 'coverage' / 'divprune' on a vision encoder"
+        )
     if not ({"layers", "layer", "output", "input"} & set(cls.sites)):
         raise UnsupportedModelError(
             f"method '{cls.name}' works inside a language model; {type(model).__name__} has none. Apply it to a "

@@ -95,7 +95,7 @@ def run_bench(
     known = all_methods()
     encoder_sites = {"layers", "layer", "output", "input"}  # these tasks run vision encoders (and an encoder-decoder)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or [
-        m for m, c in known.items() if m not in BASELINES and encoder_sites & set(c.sites)
+        m for m, c in known.items() if m not in BASELINES and encoder_sites & set(c.sites) and not c.needs_prompt
     ]
     for m in chosen:
         if m not in known:

@@ -127,6 +127,7 @@ class Method:
     signals: ClassVar[frozenset[str]] = frozenset()
     params: ClassVar[dict[str, Param]] = {}
     dynamic: ClassVar[bool] = False  # True: samples keep different counts (the runtime pads and masks)
+    needs_prompt: ClassVar[bool] = False  # True: reads the prompt's text tokens (vision-language hosts only)
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))
