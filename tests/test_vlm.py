@@ -216,3 +216,14 @@ def test_fastv_refuses_a_plain_vision_encoder():
 
     with pytest.raises(UnsupportedModelError, match="language model"):
         tokenthin.apply(build("vit"), "fastv", keep=0.5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_bfloat16_generation_runs_at_every_site(attn, inputs):
+    ids, mask, pv = inputs
+    m = llava(attn).to(torch.bfloat16)
+    for method, site in [("visionzip", "output"), ("fastv", "llm:1"), ("aim", None)]:
+        with tokenthin.applied(m, method, keep=0.5, site=site):
+            toks, logits = generate(m, ids, mask, pv.to(torch.bfloat16), new=3)
+            assert tokenthin.info(m).kept == [TPI // 2 if method != "aim" else tokenthin.info(m).kept[0]] * 3
+        assert torch.isfinite(logits).all() and toks.shape == (3, 3)
