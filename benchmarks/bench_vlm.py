@@ -42,6 +42,7 @@ except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import tokenthin
 from tokenthin.bench.memory import peak_memory
+from tokenthin.errors import TokenThinError
 
 IMAGE_TOKEN = 31
 METHODS = [
@@ -50,6 +51,12 @@ METHODS = [
     ("divprune", "output", {}),
     ("kcenter", "output", {}),
     ("random", "output", {}),
+    ("hiprune", "output", {}),
+    ("hired", "output", {}),
+    ("globalcom2", "output", {}),
+    ("holov", "output", {}),
+    ("mmtok", "output", {}),
+    ("recoverable", "output", {}),
     ("fastv", "llm:1", {}),
     ("aim", None, {}),
     ("todre", None, {}),
@@ -188,6 +195,9 @@ def table(rows: list[dict]) -> str:
     )
     lines = [head]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['visual']} | {r['method']} | | n/a: {r['error']} | | | | | |")
+            continue
         lines.append(
             f"| {r['visual']} | {r['method']} | {r['site']} | {r['kept']} | {r['flops_ratio']:.2f}x | "
             f"{r['prefill_ratio']:.2f}x (of {r['prefill_ms']:.0f} ms) | {r['decode_ratio']:.2f}x "
@@ -228,11 +238,13 @@ def main() -> None:
                 rows.append(done[key])
                 continue
             t0 = time.perf_counter()
-            row = {
-                "key": key,
-                "method": name,
-                **measure(model, inputs, name, site, params, args.keep, args.steps, args.repeats),
-            }
+            try:
+                got = measure(model, inputs, name, site, params, args.keep, args.steps, args.repeats)
+            except TokenThinError as exc:  # e.g. a method that needs one image grid, on AnyRes views
+                if tokenthin.is_applied(model):
+                    tokenthin.remove(model)
+                got = {"visual": tokens, "error": str(exc).split(":")[0]}
+            row = {"key": key, "method": name, **got}
             rows.append(row)
             with store.open("a") as f:  # one line per finished row: an interrupted run resumes from here
                 f.write(json.dumps(row) + "\n")
