@@ -1,5 +1,6 @@
-"""Runtime for vision-language hosts: visual tokens reduced before the language model (``site="output"``) or
-inside it after decoder layer k (``site="llm:k"``), with ``generate()`` and its KV cache intact.
+"""Runtime for vision-language hosts: visual tokens reduced before the language model (``site="output"``),
+inside it after decoder layer k (``site="llm:k"``), or both, at several layers (``"output+llm"``, two-stage
+methods such as AIM), with ``generate()`` and its KV cache intact.
 
 What happens in one call (see :mod:`tokenthin.adapters.hf_vlm` for the seams):
 
@@ -14,7 +15,12 @@ What happens in one call (see :mod:`tokenthin.adapters.hf_vlm` for the seams):
 Positions (choices): at ``output`` a 1-D rotary host numbers the shorter prompt 0..T'-1 (the language model sees
 it as a prompt with fewer image tokens, which is what every pre-LLM method's reference code feeds it). Inside the
 language model (``llm:k``) kept tokens keep their original positions: layers 0..k already used them, and their
-keys in layers 0..k stay in the cache at full length; layers after k hold only the kept tokens.
+keys in layers 0..k stay in the cache at full length; layers after k hold only the kept tokens. Hosts with
+multimodal rotary positions (Qwen2-VL) never renumber.
+
+Budgets: before the language model a fractional ``keep`` is a fraction of each prompt's visual tokens; inside it,
+of the visual tokens that entered the language model. Samples whose counts or grids differ are planned one at a
+time (a selection takes one k); otherwise the whole batch is planned at once.
 """
 
 from __future__ import annotations
