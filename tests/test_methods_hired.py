@@ -231,3 +231,26 @@ def test_refuses_tokens_that_are_not_one_full_grid():
     inp.grid = (0, 0)  # several images / AnyRes views
     with pytest.raises(TokenThinError, match="full patch grid"):
         get("hired")().reduce(inp, torch.tensor([4]))
+
+
+def test_anyres_base_view_and_crops_share_the_budget():
+    """LLaVA-NeXT: the base view (the first 16 visual tokens of each prompt here) keeps ``base_share`` of the budget,
+    the crops the rest; zero budget is exact and a batch equals its prompts alone."""
+    from tiny_vlm import llava_next, next_inputs, next_single, ngenerate
+
+    m = llava_next()
+    inp = next_inputs(m)
+    ref = ngenerate(m, inp, new=3)
+    with tokenthin.applied(m, "hired", keep=1.0):
+        z = ngenerate(m, inp, new=3)
+    assert torch.equal(z[0], ref[0]) and (z[1] - ref[1]).abs().max() < 1e-5
+    for share, from_base in ((1.0, True), (0.0, False), (0.5, None)):
+        with tokenthin.applied(m, "hired", keep=8, base_share=share):
+            toks, logits = ngenerate(m, inp, new=3)
+            kept = tokenthin.info(m).source >= 0
+            for i in range(3):
+                t1, l1 = ngenerate(m, next_single(inp, i), new=3)
+                assert torch.equal(t1[0], toks[i]) and (l1[0] - logits[i]).abs().max() < 1e-4
+        in_base = kept[:, :16].sum(1)
+        expect = {True: 8, False: 0, None: 4}[from_base]
+        assert (in_base == expect).all() and (kept.sum(1) == 8).all()

@@ -21,8 +21,11 @@ fixed share ``alpha`` of the budget and the crops share the rest by the base ima
 region each crop covers. A plain LLaVA or ViT sees one image per sample, so here each sample's patch grid is cut
 into ``partitions x partitions`` sub-images (row and column bands of near-equal size; default 1: the whole image
 is one partition and HiRED is plain top-k by final-layer [CLS] attention, like FasterVLM); the parameter exists to
-exercise the budget distribution on single-image hosts. AnyRes prompts (several views per sample) are refused:
-the method does not see where each crop lies in the base image, which step 1 needs.
+exercise the budget distribution on single-image hosts. On LLaVA-NeXT (``extras["view"]`` holds crops) the
+partitions are the base view and its crops: the base view keeps ``round(base_share * k)`` tokens and the crops
+share the rest by the base view's early-layer [CLS] attention summed over the base cells whose centres fall inside
+the part of the image each crop covers (a crop's place comes from the row structure of the unpadded AnyRes grid,
+:func:`tokenthin.methods.globalcom2.crop_grid`). ``base_share=0.5`` is our default.
 
 Choices left open, and ours:
 * the content score is the sum of the early layer's [CLS] attention over the partition's tokens; the released
@@ -52,6 +55,11 @@ from .base import Method, Param, Plan, ReduceInput, positive_int, register, unif
 
 def _score_kind(v: Any) -> str | None:
     return None if v in ("cls", "mean") else "must be 'cls' ([CLS] attention) or 'mean' (attention received)"
+
+
+def _share(v: Any) -> str | None:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+    return None if ok else "must be a fraction in [0, 1]"
 
 
 def _layer_index(v: Any) -> str | None:
@@ -124,6 +132,9 @@ class HiRED(Method):
             "(1: the whole image is one partition)",
             positive_int,
         ),
+        "base_share": Param(
+            0.5, "AnyRes (LLaVA-NeXT): fraction of the budget the base view keeps; the crops share the rest", _share
+        ),
         "early_layer": Param(
             0,
             "encoder layer whose attention scores each partition's visual content (the paper: the first layer)",
@@ -147,6 +158,9 @@ class HiRED(Method):
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
+        view = inp.extras.get("view")
+        if view is not None and bool((view > 0).any()):
+            return self._anyres(inp, k, view)
         h, w = patch_grid(inp, self.name)
         g = self.p["partitions"]
         if g > min(h, w):
@@ -168,3 +182,42 @@ class HiRED(Method):
         out = torch.ones_like(inp.valid)
         out[:, P:] = chosen
         return out & inp.valid, None
+
+    def _anyres(self, inp: ReduceInput, k: int, view: torch.Tensor) -> Plan:
+        """LLaVA-NeXT: partitions = the base view and its crops (see the module docstring)."""
+        from .globalcom2 import crop_grid, image_starts
+
+        early = resolve_layer(self.name, "early_layer", self.p["early_layer"], inp.layer, inp.num_layers)
+        content = attention_score(inp, self.p["score"], early, self.name)
+        final = attention_score(inp, self.p["score"], inp.layer, self.name)
+        out = torch.zeros_like(inp.valid)
+        for b in range(view.shape[0]):
+            v = view[b].masked_fill(~inp.valid[b], -1)
+            if int(image_starts(v).max()) > 0:
+                raise TokenThinError("'hired' on AnyRes views takes one image per prompt")
+            base, crops = v == 0, v > 0
+            n_base, n_views = int(base.sum()), int(v.max()) + 1
+            g = math.isqrt(n_base)
+            if g * g != n_base:
+                raise TokenThinError(f"'hired': the base view's {n_base} tokens are not a square grid")
+            e = content[b][base].double().clamp_min(0.0).view(g, g)
+            row, col, hh, ww = crop_grid(inp.extras["vis_pos"][b][crops])
+            centre = (torch.arange(g, device=e.device, dtype=torch.float64) + 0.5) / g
+            weight = torch.zeros(n_views, dtype=torch.float64, device=e.device)
+            vc = v[crops]
+            for c in range(1, n_views):
+                m = vc == c
+                if not bool(m.any()):
+                    continue
+                r_in = (centre >= int(row[m].min()) / hh) & (centre < (int(row[m].max()) + 1) / hh)
+                c_in = (centre >= int(col[m].min()) / ww) & (centre < (int(col[m].max()) + 1) / ww)
+                weight[c] = e[r_in][:, c_in].sum()
+            cap = torch.bincount(v[v >= 0], minlength=n_views)
+            k_base = min(n_base, round(self.p["base_share"] * k))
+            crops_budget = apportion(weight[None, 1:], cap[None, 1:], k - k_base)[0]
+            budget = torch.cat([torch.tensor([k_base], device=cap.device), crops_budget])
+            group = v.clamp(min=0)
+            score = final[b].masked_fill(v < 0, -math.inf)
+            chosen = rank_in_groups(score[None], group[None], n_views)[0] < budget[group]
+            out[b] = chosen & (v >= 0)
+        return out, None
