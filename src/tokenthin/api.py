@@ -17,6 +17,7 @@ from .errors import (
     BudgetError,
     InputMismatchError,
     NotAppliedError,
+    SiteError,
     TokenThinError,
     UnsupportedModelError,
 )
@@ -130,10 +131,14 @@ def apply(
 def _apply_vlm(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> nn.Module:
     from .vlm import VLMRuntime, parse_vlm_site
 
+    site = kw["site"]
+    inside_tower = site is not None and site.strip().lower().startswith("layer")
+    if inside_tower or (site is None and (kw["r"] is not None or kw["flops"] is not None)):
+        return _apply_vlm_tower(model, adapter, cls, m, **kw)
     if kw["r"] is not None or kw["flops"] is not None:
         raise BudgetError(
-            "on a vision-language model give keep= (a fraction of each prompt's visual tokens, or a count); "
-            "r= and flops= budget a vision encoder's layers"
+            "r= and flops= budget the vision tower's layers: use them with site='layers' or 'layer:k'; at "
+            "'output' / 'llm:k' give keep= (a fraction of each prompt's visual tokens, or a count)"
         )
     if kw["keep"] is None:
         raise BudgetError("give a budget: keep= (a fraction in (0, 1] of each prompt's visual tokens, or a count)")
@@ -157,6 +162,77 @@ def _apply_vlm(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> 
     return model
 
 
+def _apply_vlm_tower(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> nn.Module:
+    """Sites inside a VLM's vision tower: the tower runs the encoder runtime (merging with proportional attention,
+    or pruning), its features are scattered back over the full grid before the projector (so the host's placeholder
+    count still matches) and collapsed again before the language model, one token per reduced slot."""
+    import dataclasses
+
+    from .vlm import VLMRuntime, VLMSchedule
+
+    v = adapter.vision
+    if v is None:
+        raise SiteError(f"sites inside the vision tower are not available on {adapter.family}: use 'output' or 'llm:k'")
+    if kw["unmerge"] or kw["calibration"] is not None or cls.kind == "input":
+        raise TokenThinError(
+            f"'{cls.name}' inside a vision-language model's tower takes r=, keep= or flops= and site= only"
+        )
+    if hasattr(m, "calibrate"):
+        raise TokenThinError(f"method '{cls.name}' calibrates on images and is not supported on VLMs yet")
+    grid = (v.image_size[0] // v.patch[0], v.image_size[1] // v.patch[1])
+    schedule = _budget.resolve(
+        kind=cls.kind,
+        sites=tuple(s for s in cls.sites if s in ("layers", "layer")),
+        default_site="layers" if "layers" in cls.sites else "layer",
+        name=cls.name,
+        site=kw["site"],
+        r=kw["r"],
+        keep=kw["keep"],
+        flops=kw["flops"],
+        dims=v.dims,
+        grid=grid,
+    )
+    f = adapter.feature_layer  # the language model reads this layer's output: nothing after it may reduce
+    if schedule.site == "layers":
+        assert schedule.r is not None
+        schedule = dataclasses.replace(schedule, r=tuple(r if i < f else 0 for i, r in enumerate(schedule.r)))
+    elif schedule.layer is not None and schedule.layer >= f:
+        raise SiteError(
+            f"site 'layer:{schedule.layer}' is at or after the vision layer the language model reads ({f}); use "
+            f"k < {f}, or site='output'"
+        )
+    enc = Runtime(model, v, m, schedule)
+    rt = VLMRuntime(model, adapter, _Collapse(), VLMSchedule(output_keep=1.0, keep=None), tower=enc, shown=m)
+    rt.attach()
+    _APPLIED[model] = rt
+    return model
+
+
+class _Collapse:
+    """The language model's side of a reduction inside the vision tower: one token per reduced slot."""
+
+    name = "collapse"
+    kind = "prune"
+    sites = ("output",)
+    signals: frozenset[str] = frozenset()
+    dynamic = False
+    p: dict[str, Any] = {}
+
+    def signal_layers(self, point_layer: int, num_layers: int) -> list[int]:
+        return []
+
+    def reduce(self, inp: Any, keep: torch.Tensor) -> tuple[torch.Tensor, None]:
+        group = inp.extras["group"]  # (B, N) reduced slot of every visual token, -1 dropped
+        if group is None:  # nothing was reduced in the tower
+            return inp.valid.clone(), None
+        b, n = group.shape
+        first = torch.full((b, int(group.max()) + 2), n, dtype=torch.long, device=group.device)
+        pos = torch.arange(n, device=group.device).expand(b, n)
+        first.scatter_reduce_(1, group + 1, pos, "amin")
+        keep_mask = (first.gather(1, group + 1) == pos) & (group >= 0) & inp.valid
+        return keep_mask, None
+
+
 def _explain_vlm(a: Any, rt: Any) -> dict[str, Any]:
     n = len(a.lm_layers)
     out: dict[str, Any] = {
@@ -170,7 +246,9 @@ def _explain_vlm(a: Any, rt: Any) -> dict[str, Any]:
         "touched_modules": a.touched(),
     }
     if rt is not None:
-        out["applied"] = {"method": rt.method.name, "params": rt.method.p, "schedule": rt.schedule.describe()}
+        shown = rt.shown if rt.tower is not None else rt.method
+        plan = rt.tower.schedule.describe() if rt.tower is not None else rt.schedule.describe()
+        out["applied"] = {"method": shown.name, "params": shown.p, "schedule": plan}
     return out
 
 

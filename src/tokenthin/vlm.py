@@ -207,7 +207,7 @@ def _mask_like(valid_kv: torch.Tensor, q: int, like: Any, impl: str, dtype: torc
     return m
 
 
-_PER_TOKEN = frozenset({"view", "vis_pos"})  # extras laid out like the visual tokens (B, N)
+_PER_TOKEN = frozenset({"view", "vis_pos", "group"})  # extras laid out like the visual tokens (B, N)
 
 
 class _VLMSignals(SignalSource):
@@ -271,8 +271,20 @@ class _VLMSignals(SignalSource):
 class VLMRuntime:
     """One application of one method to one vision-language model."""
 
-    def __init__(self, model: nn.Module, adapter: Any, method: Method, schedule: VLMSchedule) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Any,
+        method: Method,
+        schedule: VLMSchedule,
+        tower: Any = None,
+        shown: Method | None = None,
+    ) -> None:
         self.model, self.adapter, self.method, self.schedule = model, adapter, method, schedule
+        # tower: an encoder runtime reducing inside the vision tower (sites 'layers' / 'layer:k'); then ``method``
+        # only collapses its duplicated slots before the language model and ``shown`` is the user's method
+        self.tower, self.shown = tower, shown or method
+        self._tower_source: torch.Tensor | None = None
         self.handles: list[torch.utils.hooks.RemovableHandle] = []
         self.last: VLMInfo | None = None
         self._call: _Call | None = None
@@ -304,6 +316,9 @@ class VLMRuntime:
     # ----- hooks -----
     def attach(self) -> None:
         a = self.adapter
+        if self.tower is not None:
+            self.tower.attach()
+            self.handles.append(a.root.multi_modal_projector.register_forward_pre_hook(self._unmerge_features))
         self.handles.append(a.root.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(a.root.register_forward_hook(self._root_post, always_call=True))
         if a.top is not a.root:
@@ -331,6 +346,8 @@ class VLMRuntime:
                     self.handles.append(km.register_forward_hook(self._lm_capture(j, "k")))
 
     def detach(self) -> None:
+        if self.tower is not None:
+            self.tower.detach()
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -355,6 +372,21 @@ class VLMRuntime:
 
     def _vision_pre(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
         self._layout = self.adapter.layout(args, kwargs)
+
+    def _unmerge_features(self, _m: nn.Module, args: tuple) -> tuple | None:
+        """Scatter the tower's reduced features back over every patch (merged patches share their slot's
+        features), so the host's image-token count still matches; the slots are collapsed again before the
+        language model."""
+        info = self.tower.last if self.tower is not None else None
+        self._tower_source = info.source if info is not None else None
+        if info is None or info.source is None or not args:
+            return None  # nothing was reduced in the tower
+        feats = args[0]  # (B_img, n_reduced - dropped, D): the host dropped its leading [CLS]
+        drop = self.adapter.drops_protected
+        src = info.source[:, drop:]  # (B_img, N0 - drop) reduced slot of every original token
+        idx = (src - drop).clamp(min=0)
+        full = assign.rows(feats, idx).masked_fill((src < 0).unsqueeze(-1), 0)
+        return (full, *args[1:])
 
     def _projector_post(self, _m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
         self._projected = out.detach()
@@ -499,7 +531,7 @@ class VLMRuntime:
             flat = c.flat.gather(1, vpos).masked_fill(~vvalid, 0)
             view = c.view.gather(1, vpos).masked_fill(~vvalid, -1)
             grids = c.tm.grids
-            keep_n = self._keep_counts(per, spec, None)
+            keep_n = self._keep_counts(per, spec, None) if self.tower is None else per
         else:
             flat = torch.zeros_like(vpos)
             view = torch.zeros_like(vpos).masked_fill(~vvalid, -1)
@@ -509,6 +541,7 @@ class VLMRuntime:
         assert c.struct is not None
         tpos, tvalid = pack(c.valid & ~c.vis & ~c.struct, left=False)
         extras = {
+            "group": self._groups(flat, vvalid) if self._tower_source is not None and out_stage else None,
             "text": assign.rows(x_seq, tpos),
             "text_valid": tvalid,
             "view": view,
@@ -573,6 +606,17 @@ class VLMRuntime:
         c.src = torch.where(c.src >= 0, dst.gather(1, c.src.clamp(min=0)), c.src)
         c.size = size_new.masked_fill(~slot_valid, 0)
         return seq, keep_seq
+
+    def _groups(self, flat: torch.Tensor, vvalid: torch.Tensor) -> torch.Tensor:
+        """(B, N) tower slot of each visual token, unique per image (-1: dropped in the tower)."""
+        src = self._tower_source
+        assert src is not None
+        drop = self.adapter.drops_protected
+        n_img, n0 = src.shape
+        per_img = n0 - drop
+        slot = src[:, drop:].reshape(-1)[flat.clamp(max=n_img * per_img - 1)]
+        image = flat // per_img
+        return torch.where((slot >= 0) & vvalid, image * n0 + slot, torch.full_like(slot, -1))
 
     def _keep_counts(self, per: torch.Tensor, spec: float | int, entered: torch.Tensor | None) -> torch.Tensor:
         """Visual tokens each sample keeps. Before the language model a fraction is of the sample's visual tokens;
