@@ -197,7 +197,7 @@ def test_errors(model, inputs):
     with tokenthin.applied(model, "fastervlm", keep=TPI + 1):
         with pytest.raises(BudgetError, match="holds only 16"):
             generate(model, ids, mask, pv)
-    for site in ("layers", "input", "layer:1", "llm:3", "llm:x"):
+    for site in ("layers", "input", "layer:1", "llm:3", "llm:x"):  # divprune has no 'layers'; layer:1 is read
         with pytest.raises(SiteError):
             tokenthin.apply(model, "divprune", keep=0.5, site=site)
     with pytest.raises(SiteError, match="inside the language model"):

@@ -15,7 +15,6 @@ CASES = [
     ("tome", {"r": 3}),
     ("pitome", {"r": 2, "site": "layers"}),
     ("divprune", {"keep": 0.5, "site": "layer:0"}),
-    ("tome", {"flops": 0.8}),
 ]
 
 
@@ -76,8 +75,12 @@ def test_sdpa_equals_eager(inputs):
 def test_errors(model):
     with pytest.raises(SiteError, match="reads"):
         tokenthin.apply(model, "divprune", keep=0.5, site="layer:1")
-    with pytest.raises(BudgetError, match="site='layers'"):
+    with pytest.raises(BudgetError, match="keep="):
         tokenthin.apply(model, "fastervlm", r=2, site="output")
+    with pytest.raises(BudgetError, match="prunes once"):
+        tokenthin.apply(model, "fastervlm", r=2)
+    with pytest.raises(BudgetError, match="flops="):
+        tokenthin.apply(model, "tome", flops=0.5)
     with pytest.raises(SiteError, match="tower"):
         tokenthin.apply(qwen("2"), "tome", r=2)
     assert not tokenthin.is_applied(model)

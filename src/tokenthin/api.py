@@ -133,12 +133,13 @@ def _apply_vlm(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: Any) -> 
 
     site = kw["site"]
     inside_tower = site is not None and site.strip().lower().startswith("layer")
-    if inside_tower or (site is None and (kw["r"] is not None or kw["flops"] is not None)):
+    if inside_tower or (site is None and kw["r"] is not None):
         return _apply_vlm_tower(model, adapter, cls, m, **kw)
     if kw["r"] is not None or kw["flops"] is not None:
         raise BudgetError(
-            "r= and flops= budget the vision tower's layers: use them with site='layers' or 'layer:k'; at "
-            "'output' / 'llm:k' give keep= (a fraction of each prompt's visual tokens, or a count)"
+            "on a vision-language model give keep= (a fraction of each prompt's visual tokens, or a count) at "
+            "'output' / 'llm:k', or r= (merging methods) inside the vision tower (site='layers'); flops= budgets "
+            "a vision encoder alone"
         )
     if kw["keep"] is None:
         raise BudgetError("give a budget: keep= (a fraction in (0, 1] of each prompt's visual tokens, or a count)")
@@ -179,6 +180,15 @@ def _apply_vlm_tower(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: An
         )
     if hasattr(m, "calibrate"):
         raise TokenThinError(f"method '{cls.name}' calibrates on images and is not supported on VLMs yet")
+    if kw["flops"] is not None:
+        raise BudgetError(
+            "flops= targets a vision encoder's FLOPs, a small share of a vision-language model's; inside its tower "
+            "give r= (tokens merged per layer) or keep= with site='layer:k'"
+        )
+    if kw["r"] is not None and cls.kind != "merge":
+        raise BudgetError(
+            f"r= merges tokens after every layer; '{cls.name}' prunes once: give keep= and site='layer:k'"
+        )
     grid = (v.image_size[0] // v.patch[0], v.image_size[1] // v.patch[1])
     schedule = _budget.resolve(
         kind=cls.kind,
