@@ -169,7 +169,7 @@ def _apply_vlm_tower(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: An
     count still matches) and collapsed again before the language model, one token per reduced slot."""
     import dataclasses
 
-    from .vlm import VLMRuntime, VLMSchedule
+    from .vlm import CollapseSlots, VLMRuntime, VLMSchedule
 
     v = adapter.vision
     if v is None:
@@ -212,35 +212,10 @@ def _apply_vlm_tower(model: nn.Module, adapter: Any, cls: type, m: Any, **kw: An
             f"k < {f}, or site='output'"
         )
     enc = Runtime(model, v, m, schedule)
-    rt = VLMRuntime(model, adapter, _Collapse(), VLMSchedule(output_keep=1.0, keep=None), tower=enc, shown=m)
+    rt = VLMRuntime(model, adapter, CollapseSlots(), VLMSchedule(output_keep=1.0, keep=None), tower=enc, shown=m)
     rt.attach()
     _APPLIED[model] = rt
     return model
-
-
-class _Collapse:
-    """The language model's side of a reduction inside the vision tower: one token per reduced slot."""
-
-    name = "collapse"
-    kind = "prune"
-    sites = ("output",)
-    signals: frozenset[str] = frozenset()
-    dynamic = False
-    p: dict[str, Any] = {}
-
-    def signal_layers(self, point_layer: int, num_layers: int) -> list[int]:
-        return []
-
-    def reduce(self, inp: Any, keep: torch.Tensor) -> tuple[torch.Tensor, None]:
-        group = inp.extras["group"]  # (B, N) reduced slot of every visual token, -1 dropped
-        if group is None:  # nothing was reduced in the tower
-            return inp.valid.clone(), None
-        b, n = group.shape
-        first = torch.full((b, int(group.max()) + 2), n, dtype=torch.long, device=group.device)
-        pos = torch.arange(n, device=group.device).expand(b, n)
-        first.scatter_reduce_(1, group + 1, pos, "amin")
-        keep_mask = (first.gather(1, group + 1) == pos) & (group >= 0) & inp.valid
-        return keep_mask, None
 
 
 def _explain_vlm(a: Any, rt: Any) -> dict[str, Any]:

@@ -210,6 +210,31 @@ def _mask_like(valid_kv: torch.Tensor, q: int, like: Any, impl: str, dtype: torc
 _PER_TOKEN = frozenset({"view", "vis_pos", "group"})  # extras laid out like the visual tokens (B, N)
 
 
+class CollapseSlots:
+    """The language model's side of a reduction inside the vision tower: one token per reduced slot."""
+
+    name = "collapse"
+    kind = "prune"
+    sites = ("output",)
+    signals: frozenset[str] = frozenset()
+    dynamic = False
+    p: dict[str, Any] = {}
+
+    def signal_layers(self, point_layer: int, num_layers: int) -> list[int]:
+        return []
+
+    def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> tuple[torch.Tensor, None]:
+        group = inp.extras["group"]  # (B, N) reduced slot of every visual token, -1 dropped
+        if group is None:  # nothing was reduced in the tower
+            return inp.valid.clone(), None
+        b, n = group.shape
+        first = torch.full((b, int(group.max()) + 2), n, dtype=torch.long, device=group.device)
+        pos = torch.arange(n, device=group.device).expand(b, n)
+        first.scatter_reduce_(1, group + 1, pos, "amin")
+        keep_mask = (first.gather(1, group + 1) == pos) & (group >= 0) & inp.valid
+        return keep_mask, None
+
+
 class _VLMSignals(SignalSource):
     """Signals of one reduction point, laid out like the method's padded visual tokens (B, N)."""
 
