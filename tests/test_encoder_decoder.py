@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import tokenthin
-from tokenthin.adapters.base import find_adapter
 from tokenthin.adapters.hf_encoder_decoder import HFEncoderDecoderAdapter
+from tokenthin.adapters.registry import find_adapter
 from tokenthin.errors import TokenThinError
 from tokenthin.methods.base import all_methods
 

@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenthin
 from tiny import build
-from tokenthin.adapters.base import find_adapter
+from tokenthin.adapters.registry import find_adapter
 from tokenthin.flops import encoder_flops
 
 

@@ -7,7 +7,8 @@ Sites:
 
 ``keep`` counts patch tokens only (protected tokens such as [CLS] are always kept on top): a float in (0, 1] is a
 fraction of the image's patches, an int is a count. ``flops`` is a target fraction of the unreduced encoder's
-analytic FLOPs (see :mod:`tokenthin.flops`) at the model's configured image size, solved into ``r`` or ``keep``.
+analytic FLOPs (see :mod:`tokenthin.flops`), solved into ``r`` or ``keep`` for each input shape the model is fed
+(the runtime caches one plan per shape; ``image_size=`` only sets the size ``explain()`` and apply-time checks use).
 
 Where ``flops`` is given for a single-site method without a site, the reduction point is placed after layer
 ``k = max(0, round(L * flops / 2) - 1)``: about half of the FLOPs budget is spent on full-resolution layers, the
@@ -43,11 +44,14 @@ class Schedule:
             return [self.layer]
         return []
 
-    def keep_at(self, layer: int, counts: torch.Tensor, n_patches: int, dynamic: bool = False) -> torch.Tensor:
+    def keep_at(
+        self, layer: int, counts: torch.Tensor, n_patches: int | torch.Tensor, dynamic: bool = False
+    ) -> torch.Tensor:
         """(B,) candidates each sample keeps at a reduction point, given its current candidate counts.
 
-        ``dynamic``: samples arrive with different counts (a dynamic method); ``r`` is then capped per sample at
-        what one bipartite round can merge instead of raising.
+        ``n_patches``: the content tokens of the input (per sample (B,) where the caller padded, so that a ``keep``
+        fraction is of each sample's own tokens). ``dynamic``: samples arrive with different counts (a dynamic
+        method); ``r`` is then capped per sample at what one bipartite round can merge instead of raising.
         """
         if self.site == "layers":
             assert self.r is not None
@@ -56,18 +60,22 @@ class Schedule:
                 return counts - torch.clamp(counts // 2, max=r)
             if r > int(counts.min()) // 2:
                 raise BudgetError(
-                    f"r={r} after layer {layer} is too large for {int(counts.min())} mergeable tokens "
-                    "(one layer merges at most half); use a smaller r, or pass image_size= to apply() so that "
-                    "budgets are planned for the size you feed"
+                    f"r={r} after layer {layer} is too large for this input: {int(counts.min())} mergeable tokens "
+                    f"are left there (of {_first(n_patches)} in the input) and one layer merges at most half; use a "
+                    "smaller r, a decreasing schedule r=(r, -0.5), or flops= (solved for each input size)"
                 )
             return counts - r
-        k = keep_count(self.keep, n_patches)
-        if k > int(counts.min()):
+        if isinstance(n_patches, torch.Tensor):
+            k = torch.stack([torch.tensor(keep_count(self.keep, int(n))) for n in n_patches.tolist()])
+            k = torch.minimum(k.to(counts.device), counts) if isinstance(self.keep, float) else k.to(counts.device)
+        else:
+            k = torch.full_like(counts, keep_count(self.keep, n_patches))
+        if bool((k > counts).any()):
             raise BudgetError(
-                f"keep={self.keep} asks for {k} tokens but only {int(counts.min())} are left at layer {layer}; "
-                "use a smaller keep, or pass image_size= to apply() so that budgets are planned for the size you feed"
+                f"keep={self.keep} asks for {int(k.max())} tokens but only {int(counts.min())} are left at layer "
+                f"{layer} for this input ({_first(n_patches)} content tokens); use a smaller keep or a fraction"
             )
-        return torch.full_like(counts, k)
+        return k
 
     def describe(self) -> str:
         if self.site == "layers":
@@ -75,6 +83,10 @@ class Schedule:
         if self.site == "input":
             return f"site=input keep={self.keep}"
         return f"site=layer:{self.layer} keep={self.keep}"
+
+
+def _first(n: int | torch.Tensor) -> int:
+    return int(n.max()) if isinstance(n, torch.Tensor) else int(n)
 
 
 def keep_count(keep: float | int | None, n_patches: int) -> int:
@@ -248,8 +260,8 @@ def resolve(
             _fraction(keep, "keep")
         elif not 1 <= keep <= n_patches:  # type: ignore[operator]
             raise BudgetError(
-                f"keep={keep} tokens is out of range: this model has {n_patches} patch tokens at its "
-                f"configured size; give 1..{n_patches} or a fraction in (0, 1]"
+                f"keep={keep} tokens is out of range: this input has {n_patches} patch tokens "
+                f"(grid {grid[0]}x{grid[1]}); give 1..{n_patches} or a fraction in (0, 1]"
             )
         return Schedule("layer", L, layer=layer, keep=keep)  # type: ignore[arg-type]
     target = _fraction(flops, "flops")
@@ -275,3 +287,16 @@ def flops_fraction(s: Schedule, dims: EncoderDims, grid: tuple[int, int], input_
     counts, out = tokens_per_layer(s, n, dims.num_protected, input_patches)
     full = encoder_flops([n + dims.num_protected] * dims.num_layers, n, dims)
     return encoder_flops(counts, input_patches or n, dims, out) / full
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the caller of ``apply()`` asked for, besides the method: the budget, the site and the options."""
+
+    r: int | list[int] | tuple[int, float] | None = None
+    keep: float | int | None = None
+    flops: float | None = None
+    site: str | None = None
+    unmerge: bool = False
+    prop_attn: bool = True
+    image_size: int | tuple[int, int] | None = None

@@ -121,7 +121,7 @@ def flops_cmd(
 ) -> None:
     """Analytic FLOPs, full vs reduced, and the schedule the budget solves into."""
     from . import apply, explain, remove
-    from .adapters.base import find_adapter
+    from .adapters.registry import find_adapter
     from .bench.main import load_model
     from .flops import encoder_flops
 

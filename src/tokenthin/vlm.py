@@ -338,6 +338,11 @@ class VLMRuntime:
         self.need_q = bool(method.signals & {"cls_attn", "mean_attn"})
         self.need_lm_attn = bool(self.points) and bool(method.signals & {"last_attn", "lm_attn"})
 
+    def describe(self) -> dict[str, Any]:
+        """explain()'s ``applied``: the user's method and its plan (inside the tower: the tower's schedule)."""
+        plan = self.tower.schedule.describe() if self.tower is not None else self.schedule.describe()
+        return {"method": self.shown.name, "params": self.shown.p, "schedule": plan}
+
     # ----- hooks -----
     def attach(self) -> None:
         a = self.adapter

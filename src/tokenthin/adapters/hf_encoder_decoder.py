@@ -24,7 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import TokenThinError
+from .contract import BiasSource
 from .hf_vision import HFVisionAdapter
+from .registry import register
 
 _CROSS_NAMES = ("encoder_attn", "crossattention")
 
@@ -42,7 +44,10 @@ def _mask_position(module: nn.Module) -> int | None:
     raise TokenThinError(f"{type(module).__name__}.forward takes no attention_mask; cannot pass the key bias")
 
 
+@register
 class HFEncoderDecoderAdapter(HFVisionAdapter):
+    name = "hf_encoder_decoder"
+    priority = 20  # above the encoder it contains
     families = (
         "Hugging Face VisionEncoderDecoderModel (TrOCR, Donut, latex-ocr: a ViT-like encoder and a decoder with "
         "cross-attention, e.g. MBart/TrOCR/BERT-like), with generate() and its KV cache"
@@ -67,10 +72,10 @@ class HFEncoderDecoderAdapter(HFVisionAdapter):
             return cls(model, inner.root, nn.ModuleList(inner.layers), dec)
         return None
 
-    def extra_hooks(self, runtime: Any) -> list[Any]:
-        handles = list(super().extra_hooks(runtime))
+    def consumer_hooks(self, rt: BiasSource) -> list[Any]:
+        handles = list(super().consumer_hooks(rt))
         for module in self.cross:
-            handles.append(module.register_forward_pre_hook(_cross_hook(runtime, module), with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(_cross_hook(rt, module), with_kwargs=True))
         return handles
 
     def touched(self) -> list[str]:
@@ -78,7 +83,7 @@ class HFEncoderDecoderAdapter(HFVisionAdapter):
         return [*super().touched(), *(f"{names[m]} (cross-attention pre-hook: key bias)" for m in self.cross)]
 
 
-def _cross_hook(runtime: Any, module: nn.Module):
+def _cross_hook(runtime: BiasSource, module: nn.Module):
     pos = _mask_position(module)
 
     def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

@@ -18,10 +18,14 @@ import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputMismatchError
 from ..flops import EncoderDims
-from .base import Adapter
+from ..ops import assign
+from .contract import Adapter, BiasSource, Layout, Sink, pre_hook_bias
+from .registry import register
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -44,7 +48,11 @@ def _attention(layer: nn.Module) -> nn.Module:
     return att
 
 
+@register
 class HFVisionAdapter(Adapter):
+    name = "hf_vision"
+    priority = 10
+    sites = frozenset({"input", "layers", "layer", "output"})
     families = (
         "Hugging Face ViTModel/ViTForImageClassification, DeiTModel, Dinov2Model (with and without registers), "
         "CLIPVisionModel and the image tower of CLIPModel, SiglipVisionModel/SiglipModel (transformers 4.57 and 5.x)"
@@ -101,6 +109,7 @@ class HFVisionAdapter(Adapter):
             head=head,
             head_mlp_hidden=head_mlp,
         )
+        self.default_layout = self.layout_for(self.image_size)
 
     @classmethod
     def detect(cls, model: nn.Module) -> HFVisionAdapter | None:
@@ -127,13 +136,39 @@ class HFVisionAdapter(Adapter):
             return att.q_proj, att.k_proj
         return att.attention.query, att.attention.key
 
+    # ----- tokens -----
+    def layout_for(self, size: tuple[int, int] | int | None) -> Layout:
+        if size is None:
+            return self.default_layout
+        hw = _pair(size)
+        return Layout(protected=self.num_protected, grid=(hw[0] // self.patch[0], hw[1] // self.patch[1]))
+
+    def call_layout(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Layout, int, torch.Tensor]:
+        pv = self.pixel_values(args, kwargs)
+        if not pv.is_floating_point():
+            raise InputMismatchError(
+                f"pixel_values has dtype {pv.dtype}; convert images to float and normalise them first "
+                "(e.g. with the model's image processor)"
+            )
+        return self.layout_for((pv.shape[-2], pv.shape[-1])), pv.shape[0], pv
+
+    @property
+    def input_patch(self) -> int:
+        return self.patch[0]
+
+    def shrink_input(self, args: tuple, kwargs: dict[str, Any], size: tuple[int, int]) -> tuple[tuple, dict]:
+        pv = self.pixel_values(args, kwargs)
+        small = F.interpolate(pv.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        return self.with_pixel_values(args, kwargs, small.to(pv.dtype))
+
     def pixel_values(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         pv = kwargs.get("pixel_values", args[0] if args else None)
         if not isinstance(pv, torch.Tensor):
-            raise TypeError("expected pixel_values")
+            raise InputMismatchError("expected pixel_values (a float tensor of images)")
         return pv
 
     def with_pixel_values(self, args: tuple, kwargs: dict[str, Any], pv: torch.Tensor) -> tuple[tuple, dict]:
+        """Call arguments with the image replaced (and position interpolation switched on where needed)."""
         kwargs = dict(kwargs)
         if "pixel_values" in kwargs or not args:
             kwargs["pixel_values"] = pv
@@ -143,16 +178,32 @@ class HFVisionAdapter(Adapter):
             kwargs["interpolate_pos_encoding"] = True
         return args, kwargs
 
-    def extra_hooks(self, runtime: Any) -> list[Any]:
-        handles: list[Any] = [] if self.layer_takes_mask else [_BiasedAttention(self.config, runtime)]
+    # ----- layers and signals -----
+    def bias_hooks(self, rt: BiasSource) -> list[Any]:
+        """transformers 5.9+ ViT/DeiT, 5.18+ DINOv2, CLIP/SigLIP: ``layer(hidden_states, attention_mask, ...)``
+        adds the mask to the logits, so a pre-hook passes the bias; older layers: a registered attention function."""
+        if self.layer_takes_mask:
+            return pre_hook_bias(self.layers, rt, "attention_mask", 1, "attention_mask")
+        return [_BiasedAttention(self.config, rt)]
+
+    def capture_qk(self, i: int, want_q: bool, sink: Sink) -> list[Any]:
+        qm, km = self.qk_modules(i)
+        hooks = [km.register_forward_hook(lambda _m, _a, out: sink("k", out))]
+        if want_q:
+            hooks.append(qm.register_forward_hook(lambda _m, _a, out: sink("q", out)))
+        return hooks
+
+    # ----- consumers -----
+    def consumer_hooks(self, rt: BiasSource) -> list[Any]:
+        """SigLIP's attention-pooling head (``nn.MultiheadAttention``) gets the key bias through ``attn_mask``."""
         head = getattr(self.root, "head", None) if getattr(self.root, "use_head", False) else None
         mha = getattr(head, "attention", None)
         if not isinstance(mha, nn.MultiheadAttention):
-            return handles
+            return []
         heads = mha.num_heads
 
         def add_bias(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-            bias = runtime.current_bias()
+            bias = rt.current_bias()
             if bias is None:
                 return None
             q = args[0] if args else kwargs["query"]
@@ -162,7 +213,16 @@ class HFVisionAdapter(Adapter):
             kwargs["attn_mask"] = mask.reshape(b * heads, q.shape[1], n)
             return args, kwargs
 
-        return [*handles, mha.register_forward_pre_hook(add_bias, with_kwargs=True)]
+        return [mha.register_forward_pre_hook(add_bias, with_kwargs=True)]
+
+    def finish(self, out: Any, source: torch.Tensor | None, unmerge: bool) -> Any:
+        if unmerge and source is not None and hasattr(out, "last_hidden_state"):
+            out["last_hidden_state"] = assign.unmerge(out.last_hidden_state, source)
+            return out
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"patch": self.patch, "image_size": self.image_size}
 
     def touched(self) -> list[str]:
         names = {m: n for n, m in self.top.named_modules()}
@@ -179,7 +239,7 @@ class _BiasedAttention:
     registered attention function that adds the runtime's current bias, then calls the original function.
     ``remove()`` restores the config and unregisters, like a hook handle."""
 
-    def __init__(self, config: Any, runtime: Any) -> None:
+    def __init__(self, config: Any, runtime: BiasSource) -> None:
         import sys
 
         import transformers

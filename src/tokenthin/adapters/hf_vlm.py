@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from ..errors import InputMismatchError, TokenThinError, UnsupportedModelError
+from .contract import Adapter
 from .hf_vision import HFVisionAdapter
+from .registry import register
 
 
 def _language_layers(lm: nn.Module) -> nn.ModuleList:
@@ -91,11 +93,12 @@ def assign_images(
     return grids, imgs
 
 
-class VLMAdapter:
-    """What every vision-language host provides; subclasses fill in the vision side."""
+class VLMAdapter(Adapter):
+    """What every vision-language host provides; subclasses fill in the vision side. The work is done by
+    :mod:`tokenthin.vlm` (``kind = "vlm"``); the encoder members of :class:`Adapter` are the vision tower's."""
 
-    families: str
     kind = "vlm"
+    sites = frozenset({"output", "llm", "output+llm", "layers", "layer"})
     shift_positions = True  # 1-D rotary positions: a shorter prompt is numbered 0..T'-1 at the output site
     vision: HFVisionAdapter | None = None  # a ViT-like tower whose attention tokenthin can score, or None
     feature_layer = 0  # vision layer whose output the language model reads (ReduceInput.layer)
@@ -154,6 +157,21 @@ class VLMAdapter:
             return mod.apply_multimodal_rotary_pos_emb(t, t, cos, sin, sec)[0]
         return mod.apply_rotary_pos_emb(t, t, cos, sin)[0]
 
+    @property
+    def num_layers_reduced(self) -> int:
+        return len(self.lm_layers)
+
+    def site_names(self) -> list[str]:
+        return ["output", *[f"llm:{i}" for i in range(len(self.lm_layers) - 1)]]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "vision_layers": self.vision_layers,
+            "vision_feature_layer": self.feature_layer,
+            "vision_signals": self.vision is not None,
+            "language_layers": len(self.lm_layers),
+        }
+
     def touched(self) -> list[str]:
         names = {m: n for n, m in self.top.named_modules()}
         return [
@@ -164,7 +182,10 @@ class VLMAdapter:
         ]
 
 
+@register
 class HFLlavaAdapter(VLMAdapter):
+    name = "hf_llava"
+    priority = 30
     """LLaVA-style host: vision tower -> projector -> image features scattered into the language model's input."""
 
     families = (
@@ -224,7 +245,10 @@ def _row_hash(x: torch.Tensor) -> torch.Tensor:
     return (bits * coef).sum(-1)
 
 
+@register
 class HFLlavaNextAdapter(HFLlavaAdapter):
+    name = "hf_llava_next"
+    priority = 40  # a LLaVA look-alike too: tried first
     """LLaVA-NeXT (AnyRes): each image is a base view plus crops; inside its forward the model unpads the crops,
     re-packs them row by row and appends an ``image_newline`` embedding to every row.
 
@@ -285,7 +309,10 @@ class HFLlavaNextAdapter(HFLlavaAdapter):
         return TokenMap(flat=flat, newline=newline, view=view, grids=[(0, 0)] * len(per))
 
 
+@register
 class HFQwen2VLAdapter(VLMAdapter):
+    name = "hf_qwen2vl"
+    priority = 30
     """Qwen2-VL / Qwen2.5-VL: a patch-merging vision tower (no [CLS]) and multimodal rotary positions (temporal,
     height, width). Kept visual tokens keep their original 3-D positions at every site, so a shorter prompt is
     *not* renumbered (the positions of the text after the image and of generated tokens stay as the model computed

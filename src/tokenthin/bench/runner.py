@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import api
-from ..adapters.base import find_adapter
+from ..adapters.registry import find_adapter
 from ..errors import TokenThinError
 from ..flops import encoder_flops
 from ..methods.base import all_methods

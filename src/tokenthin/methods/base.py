@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import BudgetError, TokenThinError, UnknownMethodError
+from ..layout import Layout
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Param:
 
 class SignalSource:
     """Lazily computed signals at one reduction point (implemented by the runtime)."""
+
+    has_cls: bool = False  # a [CLS] token exists outside the reduced tokens (a VLM drops it; its attention remains)
 
     def keys(self, layer: int) -> torch.Tensor:  # (B, N, d_head) keys averaged over heads
         raise NotImplementedError
@@ -69,6 +72,7 @@ class ReduceInput:
     signals: SignalSource
     calibrating: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    layout: Layout | None = None  # the host's typed layout of this call (grid or 1-D sequence, views, padding)
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.valid, self.num_protected)
@@ -97,7 +101,7 @@ class ReduceInput:
     def has_cls(self) -> bool:
         """A [CLS] token exists: among the protected tokens, or outside ``x`` (a VLM drops it from the visual
         tokens the language model reads but its attention is still available)."""
-        return self.num_protected >= 1 or bool(getattr(self.signals, "has_cls", False))
+        return self.num_protected >= 1 or bool(self.signals.has_cls)
 
     def cls_attention(self, layer: int | None = None) -> torch.Tensor:
         if not self.has_cls:

@@ -1,0 +1,58 @@
+"""Setting up the encoder runtime from a request: site checks against the method and the host, and the planner
+that resolves the budget for each input layout (see :mod:`tokenthin.budget`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..adapters.contract import Adapter, Layout
+from ..budget import Request, Schedule, resolve
+from ..errors import SiteError, UnsupportedModelError
+from ..methods.base import Method
+from .core import Runtime
+
+
+def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req: Request) -> Runtime:
+    """The encoder runtime for ``m`` on ``adapter``'s host, planned per input (not attached)."""
+    if cls.needs_prompt:
+        raise UnsupportedModelError(
+            f"method '{cls.name}' reads the prompt's text tokens; {type(model).__name__} has no prompt. Apply it to a "
+            "vision-language model (LLaVA, LLaVA-NeXT, Qwen2-VL), or use 'coverage' / 'divprune' on a vision encoder"
+        )
+    if not ({"layers", "layer", "output", "input"} & set(cls.sites)):
+        raise UnsupportedModelError(
+            f"method '{cls.name}' works inside a language model; {type(model).__name__} has none. Apply it to a "
+            "vision-language model (e.g. LlavaForConditionalGeneration)"
+        )
+    sites = tuple(s for s in cls.sites if s in adapter.sites)
+    if not sites:
+        raise SiteError(
+            f"method '{cls.name}' acts at {', '.join(cls.sites)}; {adapter.family} offers {', '.join(adapter.sites)}"
+        )
+    if req.image_size is not None:
+        hint = adapter.layout_for(req.image_size)
+        adapter.default_layout = hint
+    hint = adapter.default_layout
+
+    def planner(layout: Layout) -> Schedule:
+        def input_patches(frac: float) -> int:
+            p = adapter.input_patch
+            hh, ww = m.input_size(layout.grid[0] * p, layout.grid[1] * p, p, frac)
+            return (hh // p) * (ww // p)
+
+        return resolve(
+            kind=cls.kind,
+            sites=sites,
+            default_site=cls.default_site if cls.default_site.split(":")[0] in sites else sites[0],
+            name=cls.name,
+            site=req.site,
+            r=req.r,
+            keep=req.keep,
+            flops=req.flops,
+            dims=adapter.dims,
+            grid=(layout.grid[0], layout.grid[1] * layout.frames),
+            input_patches=input_patches if "input" in sites else None,
+        )
+
+    schedule = planner(hint)
+    return Runtime(model, adapter, m, schedule, planner=planner, unmerge=req.unmerge, prop_attn=req.prop_attn)

@@ -1,0 +1,316 @@
+"""The encoder runtime: installs hooks at an adapter's seams (see :mod:`tokenthin.adapters.contract`) and runs a
+method's plan at each reduction point. It names no host keyword or module: the adapter says how a layer gets its key
+bias, where queries and keys are, and what the call's token layout is.
+
+Per-forward state (token sizes, padding, source map, captured queries/keys) lives in a :class:`CallState` that
+the root pre-hook creates and the root post-hook closes; nothing survives a call but the :class:`TokenInfo`
+summary of the last call. Budgets are planned for the token count each call actually sees (one plan per input
+shape, cached). Removing the hooks restores the model exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.contract import Adapter, Layout
+from ..budget import Schedule, flops_fraction, tokens_per_layer
+from ..errors import InputMismatchError
+from ..methods.base import Method, ReduceInput
+from ..ops import assign
+from .state import CallState, TokenInfo, _cpu_threads, _Rows, _Signals, _sync
+
+Planner = Callable[[Layout], Schedule]
+
+
+class Runtime:
+    """One application of one method to one model. ``planner`` turns a call's layout into its schedule (cached per
+    input shape); ``schedule`` is the plan for the default layout (what explain() shows before any call)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: Adapter,
+        method: Method,
+        schedule: Schedule,
+        *,
+        planner: Planner | None = None,
+        unmerge: bool = False,
+        prop_attn: bool = True,
+    ) -> None:
+        self.model, self.adapter, self.method, self.schedule = model, adapter, method, schedule
+        self.planner = planner
+        self._plans: dict[tuple, Schedule] = {}
+        self.unmerge = unmerge
+        self.prop_attn = prop_attn
+        self.handles: list[Any] = []
+        self.last: TokenInfo | None = None
+        self._out_bias: torch.Tensor | None = None  # key bias of the last call's output tokens (cross_bias)
+        self.calibrating = False
+        self.measure = False  # accumulate the time spent in reductions into ``overhead_s`` (benchmarks)
+        self.overhead_s = 0.0
+        self._st: CallState | None = None
+        L = len(adapter.layers)
+        # per-input plans may place reductions at other layers only for site "layers" (r per layer): hook them all
+        self.points = set(range(L - 1)) if (schedule.site == "layers" and planner is not None) else set(schedule.points)
+        self.capture: set[int] = set()
+        for p in self.points:
+            for layer in method.signal_layers(p, L):
+                self.capture.add(layer % L)
+        self.need_q = bool(method.signals & {"cls_attn", "mean_attn"})
+
+    # ----- hook management -----
+    def attach(self) -> None:
+        a = self.adapter
+        self.handles.append(a.root.register_forward_pre_hook(self._start, with_kwargs=True))
+        self.handles.append(a.root.register_forward_hook(self._finish, with_kwargs=True, always_call=True))
+        for i, layer in enumerate(a.layers):
+            self.handles.append(layer.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
+            if i in self.points:
+                self.handles.append(layer.register_forward_hook(self._make_post(i)))
+            if i in self.capture:
+                self.handles.extend(a.capture_qk(i, self.need_q, self._make_sink(i)))
+        self.handles.extend(a.bias_hooks(self))
+        self.handles.extend(a.consumer_hooks(self))
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._st = None
+        self._out_bias = None
+
+    def current_bias(self) -> torch.Tensor | None:
+        return None if self._st is None else self._st.bias
+
+    def cross_bias(self) -> torch.Tensor | None:
+        """(B, N) additive key bias for modules that read the last call's output tokens (a decoder's
+        cross-attention): log token size where merged and ``prop_attn``, a large negative number on padding; None
+        when every output token is a plain, valid one (or the output was unmerged to the full grid)."""
+        return self._out_bias
+
+    def plan_for(self, layout: Layout) -> Schedule:
+        """The schedule for an input of this layout (cached by shape)."""
+        if self.planner is None:
+            return self.schedule
+        key = (layout.protected, layout.grid, layout.frames)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self.planner(layout)
+        return plan
+
+    # ----- hooks -----
+    def _start(self, _m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        a = self.adapter
+        layout, batch, x = a.call_layout(args, kwargs)
+        param = next(a.root.parameters())
+        if x.device != param.device:
+            raise InputMismatchError(
+                f"the input is on {x.device} but the model is on {param.device}; move one of them "
+                f"(inputs.to('{param.device}'))"
+            )
+        sched = self.plan_for(layout)
+        st = CallState(batch=batch, grid=layout.grid, n0=layout.tokens, layout=layout, schedule=sched)
+        st.content = layout.content
+        if layout.padding is not None:  # the caller's padding: never content, masked from the first layer on
+            pad = layout.padding.to(device=x.device, dtype=torch.bool)
+            st.valid = pad
+            st.content = pad[:, layout.protected :].sum(1)
+            st.bias = torch.zeros(pad.shape, device=x.device).masked_fill(~pad, torch.finfo(torch.float32).min / 2)
+        self._st = st
+        if sched.site == "input":
+            H, W = x.shape[-2], x.shape[-1]
+            p = a.input_patch
+            hh, ww = self.method.input_size(H, W, p, sched.keep)  # type: ignore[arg-type]
+            if (hh, ww) != (H, W):
+                h, w = layout.grid
+                st.source = self._grid_source(h, w, hh // p, ww // p, x.device).expand(st.batch, -1)
+                st.pristine = False
+                return a.shrink_input(args, kwargs, (hh, ww))
+        return None
+
+    def _grid_source(self, h: int, w: int, sh: int, sw: int, device: torch.device) -> torch.Tensor:
+        P = self.adapter.num_protected
+        rows = (torch.arange(h, device=device) * sh) // h
+        cols = (torch.arange(w, device=device) * sw) // w
+        cell = (rows[:, None] * sw + cols[None, :]).reshape(-1) + P
+        return torch.cat([torch.arange(P, device=device), cell]).unsqueeze(0)
+
+    def _make_pre(self, i: int):
+        layer_input = self.adapter.layer_input
+
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            st = self._st
+            if st is None:
+                return
+            hs = layer_input(args, kwargs)
+            st.tokens.append(hs.shape[1])
+            st.sample_tokens.append(st.valid.sum(1).tolist() if st.valid is not None else [hs.shape[1]] * hs.shape[0])
+            st.bias_at[i] = st.bias
+
+        return pre
+
+    def _make_sink(self, i: int):
+        def sink(which: str, out: torch.Tensor) -> None:
+            st = self._st
+            if st is not None:
+                (st.q if which == "q" else st.k)[i] = out.detach()
+
+        return sink
+
+    def _make_post(self, i: int):
+        a = self.adapter
+
+        def post(_m: nn.Module, _args: tuple, out: Any) -> Any:
+            st = self._st
+            if st is None or i not in st.schedule.points:
+                return None
+            x = a.layer_output(out)
+            t0 = 0.0
+            if self.measure:
+                _sync(x.device)
+                t0 = time.perf_counter()
+            with _cpu_threads(x.device, 1):
+                x_new = self._reduce(st, i, x)
+            if self.measure:
+                _sync(x.device)
+                self.overhead_s += time.perf_counter() - t0
+            return a.with_layer_output(out, x_new)
+
+        return post
+
+    def _plan(self, inp: ReduceInput, keep_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The method's plan; where samples keep different counts (the caller's padding, a dynamic method before)
+        and the method needs one count per batch, it plans each group of equal counts apart."""
+        if self.method.dynamic or bool((keep_n == keep_n[0]).all() and (inp.counts == inp.counts[0]).all()):
+            return self.method.reduce(inp, keep_n)
+        b, n = inp.valid.shape
+        keep = torch.zeros(b, n, dtype=torch.bool, device=inp.x.device)
+        target: torch.Tensor | None = None
+        groups = torch.stack([keep_n, inp.counts], 1).unique(dim=0)
+        for g in groups:
+            idx = ((keep_n == g[0]) & (inp.counts == g[1])).nonzero().squeeze(1)
+            sub = ReduceInput(
+                x=inp.x[idx],
+                size=inp.size[idx],
+                valid=inp.valid[idx],
+                num_protected=inp.num_protected,
+                layer=inp.layer,
+                num_layers=inp.num_layers,
+                grid=inp.grid,
+                pristine=inp.pristine,
+                signals=_Rows(inp.signals, idx),
+                calibrating=inp.calibrating,
+                layout=inp.layout,
+            )
+            k, t = self.method.reduce(sub, keep_n[idx])
+            keep[idx] = k
+            if t is not None:
+                if target is None:
+                    target = torch.full((b, n), -1, dtype=torch.long, device=inp.x.device)
+                target[idx] = t
+        return keep, target
+
+    def _reduce(self, st: CallState, i: int, x: torch.Tensor) -> torch.Tensor:
+        a = self.adapter
+        b, n, _ = x.shape
+        P = a.num_protected
+        size = st.size if st.size is not None else torch.ones(b, n, dtype=torch.float32, device=x.device)
+        valid = st.valid if st.valid is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+        inp = ReduceInput(
+            x=x,
+            size=size,
+            valid=valid,
+            num_protected=P,
+            layer=i,
+            num_layers=len(a.layers),
+            grid=st.grid,
+            pristine=st.pristine and st.layout.padding is None,
+            signals=_Signals(self, st),
+            calibrating=self.calibrating,
+            layout=st.layout,
+        )
+        keep_n = st.schedule.keep_at(i, inp.counts, st.content, self.method.dynamic)
+        keep, target = self._plan(inp, keep_n)
+        keep = keep.clone()
+        keep[:, :P] = True
+        if st.valid is not None:
+            keep &= valid
+        if target is not None:
+            target = target.masked_fill(keep if st.valid is None else keep | ~valid, -1)
+            target[:, :P] = -1
+        plan = assign.build(keep, target)
+        x_new, size_new = assign.merge(x, size, plan)
+        padded = not plan.uniform
+        st.valid = (
+            torch.arange(plan.n_out, device=x.device).unsqueeze(0) < plan.counts.unsqueeze(1)
+            if padded
+            else None  # None: every token is valid
+        )
+        st.size = size_new
+        st.n_cur = plan.n_out
+        src = st.source if st.source is not None else torch.arange(n, device=x.device).expand(b, n)
+        st.source = assign.compose_source(src, plan)
+        st.pristine = False
+        st.sized = st.sized or plan.merges  # some token stands for more than one (sizes stay > 1 once merged)
+        if padded or (st.sized and self.prop_attn):
+            logs = size_new.clamp_min(1e-6).log() if self.prop_attn else torch.zeros_like(size_new)
+            st.bias = logs if st.valid is None else logs.masked_fill(~st.valid, torch.finfo(torch.float32).min / 2)
+        else:
+            st.bias = None
+        for d in (st.q, st.k):  # signals of earlier layers are stale now
+            for layer in [k for k in d if k <= i]:
+                del d[layer]
+        return x_new
+
+    def _finish(self, _m: nn.Module, _args: tuple, _kwargs: dict, out: Any) -> Any:
+        st, self._st = self._st, None
+        if st is None:
+            return None
+        P = self.adapter.num_protected
+        if st.valid is not None:
+            kept = st.valid.sum(1).tolist()
+        else:
+            n_last = st.n_cur if st.n_cur is not None else (st.tokens[-1] if st.tokens else st.n0)
+            kept = [n_last] * st.batch
+        self._out_bias = None if (self.unmerge and st.source is not None) else st.bias
+        self.last = TokenInfo(
+            grid=st.grid,
+            num_protected=P,
+            tokens_per_layer=st.tokens,
+            sample_tokens=st.sample_tokens,
+            size=st.size,
+            valid=st.valid,
+            source=st.source,
+            kept=kept,
+        )
+        if self.unmerge and st.source is not None:
+            return self.adapter.finish(out, st.source, True)
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """The plan for the default input (explain()'s ``applied``)."""
+        a, s = self.adapter, self.schedule
+        lay = a.default_layout
+        ip = None
+        if s.site == "input":
+            p = a.input_patch
+            hh, ww = self.method.input_size(lay.grid[0] * p, lay.grid[1] * p, p, s.keep)  # type: ignore[arg-type]
+            ip = (hh // p) * (ww // p)
+        counts, n_out = tokens_per_layer(s, lay.content, lay.protected, ip)
+        return {
+            "method": self.method.name,
+            "params": self.method.p,
+            "schedule": s.describe(),
+            "tokens_per_layer": counts,
+            "tokens_out": n_out,
+            "flops_fraction": flops_fraction(s, a.dims, lay.grid, ip),
+            # plans are made per input shape: these are the default input's; dynamic methods (dtome) keep a
+            # different count per image: the real counts of a call are in tokenthin.info(model).sample_tokens
+            "planned_for": {"grid": lay.grid, "tokens": lay.tokens},
+            "dynamic": self.method.dynamic,
+        }
