@@ -28,11 +28,12 @@ from .flops import EncoderDims, encoder_flops
 
 @dataclass(frozen=True)
 class Schedule:
-    site: str  # "layers" | "layer" | "input"
+    site: str  # "layers" | "layer" | "input" | "block"
     num_layers: int
     r: tuple[int, ...] | None = None  # site "layers": tokens removed after layers 0 .. L-2
     layer: int | None = None  # site "layer": the reduction point
-    keep: float | int | None = None  # site "layer"/"input": fraction (float) or count (int) of patches kept
+    keep: float | int | None = None  # site "layer"/"input"/"block": fraction (float) or count (int) of patches kept
+    blocks: tuple[int, ...] = ()  # site "block": layers computing on reduced tokens (merge -> compute -> unmerge)
 
     @property
     def points(self) -> list[int]:
@@ -42,6 +43,8 @@ class Schedule:
         if self.site == "layer":
             assert self.layer is not None
             return [self.layer]
+        if self.site == "block":
+            return list(self.blocks)
         return []
 
     def keep_at(
@@ -82,6 +85,9 @@ class Schedule:
             return f"site=layers r={list(self.r or ())}"
         if self.site == "input":
             return f"site=input keep={self.keep}"
+        if self.site == "block":
+            which = "" if len(self.blocks) == self.num_layers else ":" + ",".join(map(str, self.blocks))
+            return f"site=block{which} keep={self.keep}"
         return f"site=layer:{self.layer} keep={self.keep}"
 
 
@@ -101,8 +107,18 @@ def parse_site(site: str | None, num_layers: int) -> tuple[str, int | None]:
     if site is None:
         return "", None
     s = site.strip().lower()
-    if s in ("layers", "input"):
+    if s in ("layers", "input", "block"):
         return s, None
+    if s.startswith("block:"):
+        try:
+            k = int(s.split(":", 1)[1])
+        except ValueError:
+            k = -(10**9)
+        if k < 0:
+            k += num_layers
+        if not 0 <= k < num_layers:
+            raise SiteError(f"site '{site}': layer index must be in 0..{num_layers - 1} for this model")
+        return "block", k
     if s == "output":
         return "layer", num_layers - 1
     if s.startswith("layer:"):
@@ -115,7 +131,7 @@ def parse_site(site: str | None, num_layers: int) -> tuple[str, int | None]:
         if not 0 <= k < num_layers:
             raise SiteError(f"site '{site}': layer index must be in 0..{num_layers - 1} for this model")
         return "layer", k
-    raise SiteError(f"unknown site '{site}'; sites are 'layers', 'layer:k', 'output', 'input'")
+    raise SiteError(f"unknown site '{site}'; sites are 'layers', 'layer:k', 'output', 'input', 'block', 'block:k'")
 
 
 def tome_schedule(r: int, inflect: float, steps: int) -> list[int]:
@@ -149,6 +165,9 @@ def tokens_per_layer(s: Schedule, n_patches: int, protected: int, input_patches:
     n = (input_patches if s.site == "input" else n_patches) + protected
     counts, out = [], n
     for i in range(L):
+        if s.site == "block":  # merge -> compute -> unmerge: the layer computes on fewer, hands on every token
+            counts.append(protected + keep_count(s.keep, n_patches) if i in s.blocks else n)
+            continue
         counts.append(n)
         if s.site == "layers" and i < L - 1:
             n -= (s.r or ())[i]
@@ -246,6 +265,20 @@ def resolve(
             return Schedule("input", L, keep=_fraction(keep, "keep"))
         target = _fraction(flops, "flops")
         cands = [Schedule("input", L, keep=f / 1000) for f in range(5, 1001, 5)]
+        return min(cands, key=lambda s: abs(total(s) / full - target))
+
+    if site_kind == "block":
+        blocks = tuple(range(L)) if layer is None else (layer,)
+        if r is not None:
+            raise BudgetError("site 'block' takes keep= (tokens each block computes on) or flops=, not r=")
+        if keep is not None:
+            if not _is_num(keep) or (isinstance(keep, float) and not 0 < keep <= 1):
+                raise BudgetError(f"keep must be a fraction in (0, 1] or a token count, got {keep!r}")
+            if isinstance(keep, int) and not 1 <= keep <= n_patches:
+                raise BudgetError(f"keep={keep} tokens is out of range: this input has {n_patches} patch tokens")
+            return Schedule("block", L, keep=keep, blocks=blocks)  # type: ignore[arg-type]
+        target = _fraction(flops, "flops")
+        cands = [Schedule("block", L, keep=k, blocks=blocks) for k in range(1, n_patches + 1)]
         return min(cands, key=lambda s: abs(total(s) / full - target))
 
     assert layer is not None

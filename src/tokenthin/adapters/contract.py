@@ -117,6 +117,12 @@ class Adapter:
         """The hidden states a layer is called with."""
         return hidden_of(args, kwargs)
 
+    def with_layer_input(self, args: tuple, kwargs: dict[str, Any], x: torch.Tensor) -> tuple[tuple, dict]:
+        """A layer's call arguments with its hidden states replaced by ``x`` (block-local sites)."""
+        if args:
+            return (x, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x}
+
     def layer_output(self, out: Any) -> torch.Tensor:
         """The hidden states in a layer's result."""
         return out[0] if isinstance(out, tuple) else out

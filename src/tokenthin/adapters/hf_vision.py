@@ -52,7 +52,7 @@ def _attention(layer: nn.Module) -> nn.Module:
 class HFVisionAdapter(Adapter):
     name = "hf_vision"
     priority = 10
-    sites = frozenset({"input", "layers", "layer", "output"})
+    sites = frozenset({"input", "layers", "layer", "output", "block"})
     families = (
         "Hugging Face ViTModel/ViTForImageClassification, DeiTModel, Dinov2Model (with and without registers), "
         "CLIPVisionModel and the image tower of CLIPModel, SiglipVisionModel/SiglipModel (transformers 4.57 and 5.x)"

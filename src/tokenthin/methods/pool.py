@@ -21,7 +21,7 @@ class Pool(Method):
     title = "Baseline: grid average pooling"
     summary = "average-pool the patch grid to about `keep` cells"
     kind = "prune"
-    sites = ("layer", "output")
+    sites = ("layer", "output", "block")
     default_site = "output"
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:

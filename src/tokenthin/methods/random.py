@@ -23,7 +23,7 @@ class RandomPrune(Method):
     title = "Baseline: random token pruning"
     summary = "keep a random subset of patch tokens (same positions for every sample of a call)"
     kind = "prune"
-    sites = ("layer", "output")
+    sites = ("layer", "output", "block")
     default_site = "output"
     params = {"seed": Param(0, "random seed", _int)}
 

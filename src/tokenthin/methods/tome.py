@@ -54,7 +54,7 @@ class ToMe(Method):
     arxiv = "2210.09461"
     summary = "bipartite soft matching on keys; merge r tokens per layer with proportional attention"
     kind = "merge"
-    sites = ("layers", "layer", "output")
+    sites = ("layers", "layer", "output", "block")
     default_site = "layers"
     signals = frozenset({"keys"})
 

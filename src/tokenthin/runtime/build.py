@@ -55,4 +55,9 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
         )
 
     schedule = planner(hint)
+    if schedule.site == "block" and cls.signals - {"keys"}:
+        raise SiteError(
+            f"method '{cls.name}' reads attention, which a block site cannot give (the block has not run when its "
+            "tokens are merged); use site='layer:k', or a method that matches on the tokens (tome, random, pool)"
+        )
     return Runtime(model, adapter, m, schedule, planner=planner, unmerge=req.unmerge, prop_attn=req.prop_attn)

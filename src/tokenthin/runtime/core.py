@@ -22,6 +22,7 @@ from ..budget import Schedule, flops_fraction, tokens_per_layer
 from ..errors import InputMismatchError
 from ..methods.base import Method, ReduceInput
 from ..ops import assign
+from .block import block_merge, block_unmerge
 from .state import CallState, TokenInfo, _cpu_threads, _Rows, _Signals, _sync
 
 Planner = Callable[[Layout], Schedule]
@@ -58,7 +59,7 @@ class Runtime:
         # per-input plans may place reductions at other layers only for site "layers" (r per layer): hook them all
         self.points = set(range(L - 1)) if (schedule.site == "layers" and planner is not None) else set(schedule.points)
         self.capture: set[int] = set()
-        for p in self.points:
+        for p in self.points if schedule.site != "block" else ():  # a block's metric is its input (BlockSignals)
             for layer in method.signal_layers(p, L):
                 self.capture.add(layer % L)
         self.need_q = bool(method.signals & {"cls_attn", "mean_attn"})
@@ -68,9 +69,13 @@ class Runtime:
         a = self.adapter
         self.handles.append(a.root.register_forward_pre_hook(self._start, with_kwargs=True))
         self.handles.append(a.root.register_forward_hook(self._finish, with_kwargs=True, always_call=True))
+        block = self.schedule.site == "block"
         for i, layer in enumerate(a.layers):
+            if block and i in self.points:  # merge before the bookkeeping pre-hook sees the tokens
+                self.handles.append(layer.register_forward_pre_hook(self._make_block_pre(i), with_kwargs=True))
+                self.handles.append(layer.register_forward_hook(self._make_block_post(i)))
             self.handles.append(layer.register_forward_pre_hook(self._make_pre(i), with_kwargs=True))
-            if i in self.points:
+            if i in self.points and not block:
                 self.handles.append(layer.register_forward_hook(self._make_post(i)))
             if i in self.capture:
                 self.handles.extend(a.capture_qk(i, self.need_q, self._make_sink(i)))
@@ -182,6 +187,49 @@ class Runtime:
             return a.with_layer_output(out, x_new)
 
         return post
+
+    def _make_block_pre(self, i: int):
+        a = self.adapter
+
+        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            st = self._st
+            if st is None or i not in st.schedule.points:
+                return None
+            x = a.layer_input(args, kwargs)
+            t0 = self._tic(x)
+            with _cpu_threads(x.device, 1):
+                xr = block_merge(self, st, i, x)
+            self._toc(x, t0)
+            return None if xr is None else a.with_layer_input(args, kwargs, xr)
+
+        return pre
+
+    def _make_block_post(self, i: int):
+        a = self.adapter
+
+        def post(_m: nn.Module, _args: tuple, out: Any) -> Any:
+            st = self._st
+            if st is None or i not in st.block:
+                return None
+            y = a.layer_output(out)
+            t0 = self._tic(y)
+            with _cpu_threads(y.device, 1):
+                full = block_unmerge(st, i, y)
+            self._toc(y, t0)
+            return a.with_layer_output(out, full)
+
+        return post
+
+    def _tic(self, x: torch.Tensor) -> float:
+        if not self.measure:
+            return 0.0
+        _sync(x.device)
+        return time.perf_counter()
+
+    def _toc(self, x: torch.Tensor, t0: float) -> None:
+        if self.measure:
+            _sync(x.device)
+            self.overhead_s += time.perf_counter() - t0
 
     def _plan(self, inp: ReduceInput, keep_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The method's plan; where samples keep different counts (the caller's padding, a dynamic method before)

@@ -74,6 +74,7 @@ class CallState:
     pristine: bool = True
     sized: bool = False  # a merge happened (token sizes differ from 1)
     n_cur: int | None = None  # tokens after the last reduction
+    block: dict[int, tuple] = field(default_factory=dict)  # site "block": layer -> (input, reduced input, source, bias)
 
 
 class _Signals(SignalSource):
