@@ -121,3 +121,29 @@ def test_layout_sequence_is_a_one_row_grid() -> None:
     lay = Layout.sequence(1, 10, padding=torch.ones(2, 11, dtype=torch.bool))
     assert lay.grid == (1, 10) and lay.kind == "sequence" and lay.tokens == 11 and lay.content == 10
     assert find_adapter(build("vit")).default_layout.grid == (8, 8)
+
+
+@pytest.mark.parametrize("host", ["hf_vision", "hf_qwen2vl"])
+def test_support_table_matches_apply(host: str) -> None:
+    """tokenthin.support() (the README's methods x hosts table) says exactly which apply() calls are refused."""
+    if host == "hf_qwen2vl":
+        from tiny_vlm import qwen
+
+        model = qwen()
+    else:
+        model = build("vit")
+    for name, cls in tokenthin.api.all_methods().items():
+        if name == "dtome":  # calibrates: its own tests
+            continue
+        reason = tokenthin.support(name, host)
+        merging = cls.kind == "merge" and "layers" in cls.sites
+        budget = {"r": 1} if merging and host == "hf_vision" else {"keep": 0.5}
+        try:
+            tokenthin.apply(model, name, **budget, replace=True)
+            refused = None
+        except (tokenthin.UnsupportedModelError, tokenthin.SiteError, tokenthin.TokenThinError) as e:
+            refused = str(e)
+        assert (reason is None) == (refused is None), (name, reason, refused)
+        if tokenthin.is_applied(model):
+            tokenthin.remove(model)
+    assert {h["name"] for h in tokenthin.hosts()} >= {"hf_vision", "hf_qwen2vl"}

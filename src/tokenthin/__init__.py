@@ -1,6 +1,6 @@
 """tokenthin: training-free token merging and pruning for pretrained transformers."""
 
-from .api import applied, apply, explain, info, is_applied, methods, remove, runtime_of
+from .api import applied, apply, explain, hosts, info, is_applied, methods, remove, runtime_of, support
 from .errors import (
     AlreadyAppliedError,
     BudgetError,
@@ -29,9 +29,11 @@ __all__ = [
     "applied",
     "apply",
     "explain",
+    "hosts",
     "info",
     "is_applied",
     "methods",
     "remove",
     "runtime_of",
+    "support",
 ]

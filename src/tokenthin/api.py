@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import budget as _budget
-from .adapters.registry import find_adapter
+from .adapters.registry import all_adapters, find_adapter
 from .errors import AlreadyAppliedError, InputMismatchError, NotAppliedError, TokenThinError
 from .methods.base import all_methods, get
 from .runtime import Runtime, TokenInfo
@@ -161,6 +161,40 @@ def methods() -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def hosts() -> list[dict[str, Any]]:
+    """Every registered host family (adapter): name, models, detection priority, runtime kind, sites, signals."""
+    return [
+        {
+            "name": a.name,
+            "families": a.families,
+            "priority": a.priority,
+            "kind": a.kind,
+            "sites": sorted(a.sites),
+            "signals": sorted(a.signals),
+        }
+        for a in all_adapters()
+    ]
+
+
+def support(method: str, host: str) -> str | None:
+    """None when ``method`` can act on the host family ``host`` (a name from :func:`hosts`), else the reason."""
+    cls = get(method)
+    a = {h.name: h for h in all_adapters()}.get(host)
+    if a is None:
+        raise TokenThinError(f"unknown host '{host}'; hosts: {', '.join(h.name for h in all_adapters())}")
+    if cls.needs_prompt and a.kind != "vlm":
+        return "reads a prompt"
+    common = set(cls.sites) & set(a.sites)
+    if not common:
+        return "no common site (" + "/".join(cls.sites) + ")"
+    missing = cls.signals & {"keys", "cls_attn", "mean_attn"} - a.signals
+    if missing:
+        return "needs " + ", ".join(sorted(missing))
+    if a.kind == "vlm" and hasattr(cls, "calibrate"):
+        return "calibrates (encoders only)"
+    return None
 
 
 def explain(model: nn.Module) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Command line: ``tokenthin methods``, ``tokenthin explain``, ``tokenthin demo``."""
+"""Command line: ``tokenthin methods``, ``tokenthin hosts``, ``tokenthin explain``, ``tokenthin demo``."""
 
 from __future__ import annotations
 
@@ -29,6 +29,27 @@ def methods_cmd(as_json: bool = typer.Option(False, "--json", help="machine-read
             f"| {m['name']} | {m['paper']} | {m['arxiv'] or '-'} | {', '.join(m['sites'])} | {params} "
             f"| {m['description']} |"
         )
+
+
+@app.command("hosts")
+def hosts_cmd(
+    matrix: bool = typer.Option(
+        False, "--matrix", help="methods x hosts: which method acts on which host, and why not"
+    ),
+) -> None:
+    """List the registered host families (adapters), or the methods x hosts table."""
+    from . import hosts, methods, support
+
+    hs = hosts()
+    if not matrix:
+        typer.echo("| host | models | sites | signals |\n|---|---|---|---|")
+        for h in hs:
+            typer.echo(f"| {h['name']} | {h['families']} | {', '.join(h['sites'])} | {', '.join(h['signals'])} |")
+        return
+    typer.echo("| method | " + " | ".join(h["name"] for h in hs) + " |\n|---|" + "---|" * len(hs))
+    for m in methods():
+        cells = [support(m["name"], h["name"]) or "yes" for h in hs]
+        typer.echo(f"| {m['name']} | " + " | ".join(cells) + " |")
 
 
 @app.command("demo")

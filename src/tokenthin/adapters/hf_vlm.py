@@ -313,6 +313,8 @@ class HFLlavaNextAdapter(HFLlavaAdapter):
 class HFQwen2VLAdapter(VLMAdapter):
     name = "hf_qwen2vl"
     priority = 30
+    sites = frozenset({"output", "llm", "output+llm"})  # the fused, packed tower: no sites or signals inside it
+    signals = frozenset()
     """Qwen2-VL / Qwen2.5-VL: a patch-merging vision tower (no [CLS]) and multimodal rotary positions (temporal,
     height, width). Kept visual tokens keep their original 3-D positions at every site, so a shorter prompt is
     *not* renumbered (the positions of the text after the image and of generated tokens stay as the model computed
