@@ -103,34 +103,29 @@ def keep_count(keep: float | int | None, n_patches: int) -> int:
     return int(keep)
 
 
+def _site_layer(site: str, index: str, num_layers: int) -> int:
+    try:
+        k = int(index)
+    except ValueError:
+        k = -(10**9)
+    if k < 0:
+        k += num_layers
+    if not 0 <= k < num_layers:
+        raise SiteError(f"site '{site}': layer index must be in 0..{num_layers - 1} for this model")
+    return k
+
+
 def parse_site(site: str | None, num_layers: int) -> tuple[str, int | None]:
     if site is None:
         return "", None
     s = site.strip().lower()
     if s in ("layers", "input", "block"):
         return s, None
-    if s.startswith("block:"):
-        try:
-            k = int(s.split(":", 1)[1])
-        except ValueError:
-            k = -(10**9)
-        if k < 0:
-            k += num_layers
-        if not 0 <= k < num_layers:
-            raise SiteError(f"site '{site}': layer index must be in 0..{num_layers - 1} for this model")
-        return "block", k
     if s == "output":
         return "layer", num_layers - 1
-    if s.startswith("layer:"):
-        try:
-            k = int(s.split(":", 1)[1])
-        except ValueError:
-            k = -(10**9)
-        if k < 0:
-            k += num_layers
-        if not 0 <= k < num_layers:
-            raise SiteError(f"site '{site}': layer index must be in 0..{num_layers - 1} for this model")
-        return "layer", k
+    kind, _, index = s.partition(":")
+    if kind in ("layer", "block") and index:
+        return kind, _site_layer(site, index, num_layers)
     raise SiteError(f"unknown site '{site}'; sites are 'layers', 'layer:k', 'output', 'input', 'block', 'block:k'")
 
 
