@@ -128,6 +128,9 @@ class TimmViTAdapter(Adapter):
             raise InputMismatchError("tokenthin cannot combine a caller-supplied attn_mask / is_causal with merging")
         return pv
 
+    def images_call(self, pv: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        return (pv,), {}
+
     def with_pixel_values(self, args: tuple, kwargs: dict[str, Any], pv: torch.Tensor) -> tuple[tuple, dict]:
         if not getattr(self.root, "dynamic_img_size", False):
             raise InputMismatchError(
