@@ -158,11 +158,52 @@ def test_dynamic_img_size_reads_the_grid_per_call() -> None:
         assert info.tokens_per_layer[0] == 1 + info.grid[0] * info.grid[1]
 
 
-def test_detected_and_explained() -> None:
+def test_registered_detected_and_explained() -> None:
+    from tokenthin.adapters.registry import all_adapters, find_adapter
+
+    assert "timm_vit" in [a.name for a in all_adapters()]
     model = vit("map")
+    assert type(find_adapter(model)).__name__ == "TimmViTAdapter"
+    tokenthin.apply(model, "tome", r=4)
     ex = tokenthin.explain(model)
-    assert ex["adapter"] == "TimmViTAdapter" and ex["protected_tokens"] == 0
-    assert any("attn_pool" in t for t in ex["touched_modules"])
+    assert ex["adapter"] == "TimmViTAdapter" and ex["protected_tokens"] == 0 and ex["patch_grid"] == (8, 8)
+    assert any("attn_pool" in t for t in ex["touched_modules"]) and ex["host"]["global_pool"] == "map"
+    assert ex["applied"]["tokens_per_layer"] == [64, 60, 56]
+
+
+def test_timm_is_not_imported_by_tokenthin() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tokenthin, tokenthin.adapters.registry as r; r.all_adapters(); print('timm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_direct_forward_features_warns_and_runs_unreduced() -> None:
+    model, x = vit("plain"), images(2)
+    ref = model.forward_features(x)
+    tokenthin.apply(model, "tome", r=4)
+    with pytest.warns(UserWarning, match="forward_features"), torch.no_grad():
+        got = model.forward_features(x)
+    assert torch.equal(got, ref)
+
+
+def test_unmerge_returns_every_token() -> None:
+    model, x = vit("plain", global_pool=""), images(2)
+    with torch.no_grad():
+        ref = model(x)
+    tokenthin.apply(model, "tome", r=4, unmerge=True)
+    with torch.no_grad():
+        got = model(x)
+    assert got.shape == ref.shape and torch.nn.functional.cosine_similarity(got, ref, dim=-1).mean() > 0.9
+
+
+def test_caller_attn_mask_is_refused() -> None:
+    model, x = vit("plain"), images(2)
+    tokenthin.apply(model, "tome", r=4)
+    with pytest.raises(tokenthin.TokenThinError, match="attn_mask"):
+        model(x, attn_mask=torch.zeros(2, 1, 65, 65))
 
 
 def test_prr_pool_is_refused() -> None:

@@ -16,26 +16,34 @@ Seams (no forward body copied; checked on timm 1.0.16 - 1.0.31):
 * Heads: ``global_pool="token"`` reads the class token (protected). ``"avg"`` (also ``"avgmax"`` / ``"max"``)
   would average merged and padded tokens as if each were one valid patch: a forward hook on ``norm`` keeps the
   final tokens and a pre-hook on ``fc_norm`` replaces the plain mean by the size-weighted mean over valid tokens
-  (``max``: over valid tokens). ``"map"`` (``AttentionPoolLatent``) gets the key bias as its ``attn_mask``.
+  (``max``: over valid tokens). The weights are ``exp`` of the key bias: token sizes with proportional attention
+  (the default), 1 per valid token with ``prop_attn=False`` (as the attention counts them), 0 on padding.
+  ``"map"`` (``AttentionPoolLatent``) gets the key bias as its ``attn_mask``.
   ``"prr"`` pooling takes no mask and is refused.
 * The grid is read from each call's input (``dynamic_img_size`` models take other sizes; with ``dynamic_img_pad``
   the grid rounds up).
-Limits: only calls of the model itself are reduced (``model(x)``); ``forward_features`` / ``forward_intermediates``
-called directly run unreduced.
+* ``unmerge=True``: a model that returns tokens (``global_pool=""``, ``num_classes=0``) returns them on the full
+  token set again.
+Limits: only calls of the model itself (``model(x)``) are reduced; ``forward_features`` / ``forward_intermediates``
+called directly run unreduced (a one-time warning says so). A caller's ``attn_mask`` / ``is_causal`` is refused.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputMismatchError, UnsupportedModelError
 from ..flops import EncoderDims
-from .base import Adapter
+from ..ops import assign
+from .contract import Adapter, BiasSource, Layout, Sink, hidden_of, pre_hook_bias
+from .registry import register
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -58,9 +66,13 @@ def _is_vit(m: nn.Module) -> bool:
     return True
 
 
+@register
 class TimmViTAdapter(Adapter):
+    name = "timm_vit"
+    priority = 10
+    sites = frozenset({"input", "layers", "layer", "output"})
     families = (
-        "timm VisionTransformer (timm 1.0.16+; class token and/or registers or none; token, avg and map pooling; "
+        "timm VisionTransformer (timm 1.0.16+: class token and/or registers or none; token, avg and map pooling; "
         "LayerScale, qk-norm, dynamic_img_size)"
     )
 
@@ -77,14 +89,19 @@ class TimmViTAdapter(Adapter):
         self.patch = _pair(pe.patch_size)
         self.image_size = _pair(pe.img_size) if pe.img_size is not None else (224, 224)
         self.pad = bool(getattr(pe, "dynamic_img_pad", False))
-        self.layer_takes_mask = False  # the runtime must not pass HF's attention_mask; _block_bias passes attn_mask
         self.pool = str(root.global_pool)
         if root.attn_pool is not None and "attn_mask" not in inspect.signature(root.attn_pool.forward).parameters:
             raise UnsupportedModelError(
                 f"timm global_pool='{self.pool}' ({type(root.attn_pool).__name__}) takes no attention mask, so it "
                 "would treat merged and padded tokens as plain ones; use a token, avg or map pooled model"
             )
-        mlp = self.layers[0].mlp
+        self.dims = self._dims()
+        self.default_layout = self.layout_for(self.image_size)
+        self._open = 0  # calls of the root in progress (to warn about direct forward_features calls)
+        self._warned = False
+
+    def _dims(self) -> EncoderDims:
+        root, mlp = self.root, self.layers[0].mlp
         if hasattr(mlp, "fc1_g"):  # SwiGLU: separate gate and value
             mlp_hidden, mats = mlp.fc1_g.out_features, 3
         elif hasattr(mlp, "chunk_dim"):  # GluMlp: fused gate and value in fc1
@@ -95,13 +112,14 @@ class TimmViTAdapter(Adapter):
         if self.pool == "map":
             head = "map"
             head_mlp = root.attn_pool.mlp.fc1.out_features if root.attn_pool.mlp is not None else 0
-        self.dims = EncoderDims(
+        proj = root.patch_embed.proj
+        return EncoderDims(
             hidden=int(root.embed_dim),
             mlp_hidden=mlp_hidden,
             mlp_mats=mats,
             num_layers=len(self.layers),
             patch=self.patch,
-            channels=int(pe.proj.in_channels) if hasattr(pe.proj, "in_channels") else 3,
+            channels=int(proj.in_channels) if hasattr(proj, "in_channels") else 3,
             num_protected=self.num_protected,
             head=head,
             head_mlp_hidden=head_mlp,
@@ -114,131 +132,162 @@ class TimmViTAdapter(Adapter):
                 return cls(model, m)
         return None
 
-    def grid(self, pv: torch.Tensor) -> tuple[int, int]:
-        h, w = pv.shape[-2], pv.shape[-1]
-        if self.pad:
-            return math.ceil(h / self.patch[0]), math.ceil(w / self.patch[1])
-        return h // self.patch[0], w // self.patch[1]
+    # ----- tokens -----
+    def layout_for(self, size: tuple[int, int] | int | None) -> Layout:
+        if size is None:
+            return self.default_layout
+        h, w = _pair(size)
+        if self.pad:  # dynamic_img_pad: the patch embedding pads the image up to whole patches
+            grid = (math.ceil(h / self.patch[0]), math.ceil(w / self.patch[1]))
+        else:
+            grid = (h // self.patch[0], w // self.patch[1])
+        return Layout(protected=self.num_protected, grid=grid)
 
-    def pixel_values(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-        pv = kwargs.get("x", args[0] if args else None)
-        if not isinstance(pv, torch.Tensor):
-            raise TypeError("expected the image batch as the first argument")
-        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+    def images(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        x = kwargs.get("x", args[0] if args else None)
+        if not isinstance(x, torch.Tensor):
+            raise InputMismatchError("expected the image batch (a float tensor) as the model's first argument")
+        return x
+
+    def call_layout(self, args: tuple, kwargs: dict[str, Any]) -> tuple[Layout, int, torch.Tensor]:
+        x = self.images(args, kwargs)
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal") or len(args) > 1:
             raise InputMismatchError("tokenthin cannot combine a caller-supplied attn_mask / is_causal with merging")
-        return pv
+        if not x.is_floating_point():
+            raise InputMismatchError(f"the images have dtype {x.dtype}; convert them to float and normalise them")
+        return self.layout_for((x.shape[-2], x.shape[-1])), x.shape[0], x
 
-    def images_call(self, pv: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
-        return (pv,), {}
+    def call_args(self, x: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        return (x,), {}
 
-    def with_pixel_values(self, args: tuple, kwargs: dict[str, Any], pv: torch.Tensor) -> tuple[tuple, dict]:
+    @property
+    def input_patch(self) -> int:
+        return self.patch[0]
+
+    def shrink_input(self, args: tuple, kwargs: dict[str, Any], size: tuple[int, int]) -> tuple[tuple, dict]:
         if not getattr(self.root, "dynamic_img_size", False):
             raise InputMismatchError(
-                "site 'input' feeds a smaller image; this timm model has a fixed input size. Create it with "
-                "dynamic_img_size=True (timm.create_model(..., dynamic_img_size=True))"
+                "site 'input' feeds a smaller image, and this timm model has a fixed input size: create it with "
+                "dynamic_img_size=True (timm.create_model(name, dynamic_img_size=True))"
             )
+        x = self.images(args, kwargs)
+        small = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
         if "x" in kwargs or not args:
-            return args, {**kwargs, "x": pv}
-        return (pv, *args[1:]), kwargs
+            return args, {**kwargs, "x": small}
+        return (small, *args[1:]), kwargs
 
-    def qk_modules(self, i: int) -> tuple[nn.Module, nn.Module]:
+    # ----- layers and signals -----
+    def layer_input(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+        return hidden_of(args, kwargs, "x")
+
+    def bias_hooks(self, rt: BiasSource) -> list[Any]:
+        """``Block.forward(x, attn_mask=None, ...)``: a pre-hook passes the key bias as ``attn_mask``."""
+        return pre_hook_bias(self.layers, rt, "attn_mask", 1, "attn_mask")
+
+    def capture_qk(self, i: int, want_q: bool, sink: Sink) -> list[Any]:
         att = self.layers[i].attn
-        return att.q_norm, att.k_norm
+        hooks = [att.k_norm.register_forward_hook(lambda _m, _a, out: sink("k", _flat(out)))]
+        if want_q:
+            hooks.append(att.q_norm.register_forward_hook(lambda _m, _a, out: sink("q", _flat(out))))
+        return hooks
 
-    @staticmethod
-    def flat(t: torch.Tensor) -> torch.Tensor:
-        """(B, heads, N, head_dim) captured by the q_norm / k_norm hooks -> (B, N, heads * head_dim)."""
-        b, h, n, d = t.shape
-        return t.transpose(1, 2).reshape(b, n, h * d)
-
-    def extra_hooks(self, runtime: Any) -> list[torch.utils.hooks.RemovableHandle]:
-        handles = [blk.register_forward_pre_hook(_block_bias(runtime), with_kwargs=True) for blk in self.layers]
-        handles += self._capture_hooks(runtime)
-        root = self.root
+    # ----- consumers -----
+    def consumer_hooks(self, rt: BiasSource) -> list[Any]:
+        handles = self._direct_call_warning()
         if self.pool == "map":
-            handles.append(root.attn_pool.register_forward_pre_hook(_pool_bias(runtime, self), with_kwargs=True))
+            handles.append(self.root.attn_pool.register_forward_pre_hook(_pool_bias(rt, self), with_kwargs=True))
         elif self.pool in ("avg", "avgmax", "max"):
-            handles += _weighted_pool(runtime, self)
+            handles += _weighted_pool(rt, self)
         return handles
 
-    def _capture_hooks(self, runtime: Any) -> list[torch.utils.hooks.RemovableHandle]:
-        # Draft for today's runtime, which stores the raw outputs of qk_modules: these hooks run after its own
-        # and replace the per-head captures by flat ones (to be replaced by the host contract's capture seam).
-        handles = []
-        for i in sorted(runtime.capture):
-            att = self.layers[i].attn
-            pairs = [(att.k_norm, "k"), (att.q_norm, "q")] if runtime.need_q else [(att.k_norm, "k")]
-            for mod, which in pairs:
+    def _direct_call_warning(self) -> list[Any]:
+        def opened(*_a: Any) -> None:
+            self._open += 1
 
-                def hook(_m: nn.Module, _a: tuple, out: torch.Tensor, i: int = i, which: str = which) -> None:
-                    st = runtime.call_state()
-                    if st is not None:
-                        getattr(st, which)[i] = self.flat(out.detach())
+        def closed(*_a: Any) -> None:
+            self._open = max(0, self._open - 1)
 
-                handles.append(mod.register_forward_hook(hook))
-        return handles
+        def check(*_a: Any) -> None:
+            if not self._open and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "tokenthin reduces calls of the timm model itself (model(x)); forward_features / "
+                    "forward_intermediates called directly run unreduced",
+                    stacklevel=2,
+                )
+
+        return [
+            self.root.register_forward_pre_hook(opened),
+            self.root.register_forward_hook(closed, always_call=True),
+            self.root.patch_embed.register_forward_pre_hook(check),
+        ]
+
+    def finish(self, out: Any, source: torch.Tensor | None, unmerge: bool) -> Any:
+        if unmerge and source is not None and isinstance(out, torch.Tensor) and out.dim() == 3:
+            return assign.unmerge(out, source)
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"patch": self.patch, "image_size": self.image_size, "global_pool": self.pool}
 
     def touched(self) -> list[str]:
         names = {m: n for n, m in self.top.named_modules()}
         out = [f"{names[self.root] or type(self.root).__name__} (pre/post hooks: open and close a call)"]
-        for i, blk in enumerate(self.layers):
+        for blk in self.layers:
             out.append(f"{names[blk]} (attn_mask pre-hook; output hook at reduction points)")
-            q, k = self.qk_modules(i)
-            out.append(f"{names[q]}, {names[k]} (query/key capture where a method needs scores)")
+            out.append(f"{names[blk.attn.q_norm]}, {names[blk.attn.k_norm]} (query/key capture for scores)")
         if self.pool == "map":
             out.append(f"{names[self.root.attn_pool]} (attn_mask pre-hook: key bias)")
         elif self.pool in ("avg", "avgmax", "max"):
-            out.append(f"{names[self.root.norm]}, {names[self.root.fc_norm]} (size-weighted pooling over valid tokens)")
+            out.append(f"{names[self.root.norm]}, {names[self.root.fc_norm]} (size-weighted pooling of valid tokens)")
         return out
 
 
-def _block_bias(runtime: Any):
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, head_dim) from q_norm / k_norm -> (B, N, heads * head_dim)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def _pool_bias(rt: BiasSource, a: TimmViTAdapter):
     def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bias = runtime.current_bias()
+        bias = rt.current_bias()
         if bias is None:
             return None
-        x = args[0] if args else kwargs["x"]
-        return args, {**kwargs, "attn_mask": bias.to(x.dtype).view(x.shape[0], 1, 1, -1)}
-
-    return pre
-
-
-def _pool_bias(runtime: Any, a: TimmViTAdapter):
-    def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bias = runtime.current_bias()
-        if bias is None:
-            return None
-        x = args[0] if args else kwargs["x"]
-        if x.shape[1] != bias.shape[1]:  # the pool saw the tokens without the prefix
+        x = hidden_of(args, kwargs, "x")
+        if x.shape[1] != bias.shape[1]:  # the pool reads the tokens after the prefix
             bias = bias[:, a.num_protected :]
+        if kwargs.get("attn_mask") is not None:
+            raise InputMismatchError("tokenthin cannot combine a caller-supplied attn_mask with merging")
         return args, {**kwargs, "attn_mask": bias.to(x.dtype).view(x.shape[0], 1, 1, -1)}
 
     return pre
 
 
-def _weighted_pool(runtime: Any, a: TimmViTAdapter) -> list[torch.utils.hooks.RemovableHandle]:
-    """``avg`` / ``avgmax`` / ``max`` pooling that counts each token by its size and skips padding."""
-    last: dict[str, Any] = {}
+def _weighted_pool(rt: BiasSource, a: TimmViTAdapter) -> list[Any]:
+    """``avg`` / ``avgmax`` / ``max`` pooling that weighs each token by exp(key bias) and skips padding: a hook on
+    ``norm`` keeps the final tokens of this call, a pre-hook on ``fc_norm`` replaces timm's plain pooled input."""
+    kept: dict[str, Any] = {}
 
     def keep_tokens(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
-        last["call"], last["x"] = runtime.call_state(), out
+        kept.clear()
+        bias = rt.current_bias()
+        if bias is not None and out.dim() == 3 and out.shape[1] == bias.shape[1]:
+            kept["bias"], kept["x"] = bias, out
 
     def repool(_m: nn.Module, args: tuple) -> tuple | None:
-        st = runtime.call_state()
-        if st is None or last.get("call") is not st or (st.size is None and st.valid is None):
+        bias = rt.current_bias()
+        if bias is None or kept.get("bias") is not bias:  # not this call's tokens
             return None
-        x = last.pop("x")
-        last.clear()
-        b, n, _ = x.shape
-        w = st.size.to(x.dtype) if st.size is not None else x.new_ones(b, n)
-        valid = st.valid if st.valid is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+        x = kept.pop("x")
+        kept.clear()
+        w = bias.float().exp()  # token size (prop_attn) or 1; 0 on padding
         if not a.root.pool_include_prefix:
-            x, w, valid = x[:, a.num_protected :], w[:, a.num_protected :], valid[:, a.num_protected :]
-        w = w * valid.to(x.dtype)
-        mean = (x * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)
+            x, w = x[:, a.num_protected :], w[:, a.num_protected :]
+        mean = ((x.float() * w.unsqueeze(-1)).sum(1) / w.sum(1, keepdim=True)).to(x.dtype)
         if a.pool == "avg":
             return (mean, *args[1:])
-        top = x.masked_fill(~valid.unsqueeze(-1), float("-inf")).amax(1)
+        top = x.masked_fill((w == 0).unsqueeze(-1), float("-inf")).amax(1)
         return ((top if a.pool == "max" else 0.5 * (top + mean)), *args[1:])
 
     return [a.root.norm.register_forward_hook(keep_tokens), a.root.fc_norm.register_forward_pre_hook(repool)]
