@@ -11,10 +11,13 @@ pick comparison the official patch gets ``r = [r] * 11 + [0]`` ("matched": same 
 speed is reported for both that and the official constant r ("official").
 
 Reported per r:
-* speed: interleaved runs (full, tokenthin, official matched, official constant), ratio reduced / full per
-  round, median over rounds;
-* agreement of the final [CLS] features: cosine and max abs vs the unreduced model and between the two;
-* merge picks: the groups of original patches each output token stands for (a partition); "first layer"
+* speed: interleaved runs (full, tokenthin, official matched, official constant, and the full model on timm's
+  explicit attention path, which is what the official ``Attention`` copy computes instead of SDPA), ratio to the
+  full model per round, median over rounds;
+* agreement of the final [CLS] features: cosine (lowest over the batch) and max abs vs the unreduced model and
+  between the two;
+* merge picks: the groups of original patches each output token stands for (a partition), as the fraction of
+  patches whose group is the same set on both sides; "first layer"
   merges at block 0 only (both see identical keys, so the picks must be identical), "all layers" is the full
   schedule (the states differ after the first merge because the official MLP runs on merged tokens).
 LayerScale check: ViT-B with ``init_values`` set, r = 0: the official copied ``Block.forward`` skips ``ls1`` /
@@ -135,7 +138,10 @@ def run_r(patch: Any, base: nn.Module, x: torch.Tensor, r: int, rounds: int) -> 
 
     # timed without source tracking (the official (B, N, N0) source adjacency costs a lot)
     matched, const = official(patch, base, [r] * (L - 1) + [0], False), official(patch, base, r, False)
-    models = {"full": base, "tokenthin": tt, "official_matched": matched, "official": const}
+    explicit = copy.deepcopy(base)  # the official Attention copy computes softmax(q k^T) v without SDPA
+    for blk in explicit.blocks:
+        blk.attn.fused_attn = False
+    models = {"full": base, "tokenthin": tt, "official_matched": matched, "official": const, "full_explicit": explicit}
     for m in models.values():  # warm-up
         m(x)
     ratios: dict[str, list[float]] = {k: [] for k in models if k != "full"}
@@ -171,15 +177,16 @@ def layerscale_check(patch: Any, x: torch.Tensor, seed: int, device: str, values
 
 def table(res: dict[str, Any]) -> str:
     lines = [
-        "| r | tokens out (tt / official) | speed tt | speed official (matched / const) | cos tt vs full | "
-        "cos official vs full (matched) | max abs tt vs official | picks: 1st layer / all layers (tokens same) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| r | tokens out (tt / official) | speed tt | speed official (matched / const) | full, explicit attn | "
+        "cos tt vs full | cos official vs full (matched) | max abs tt vs official | picks: 1st layer / all layers |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in res["rows"]:
         s, t, v = row["speed_ratio_median"], row["tokens_out"], row["vs_full"]
         lines.append(
             f"| {row['r']} | {t['tokenthin']} / {t['official_matched']} ({t['official']}) | {s['tokenthin']:.3f} | "
-            f"{s['official_matched']:.3f} / {s['official']:.3f} | {v['tokenthin']['cos_min']:.5f} | "
+            f"{s['official_matched']:.3f} / {s['official']:.3f} | {s['full_explicit']:.3f} | "
+            f"{v['tokenthin']['cos_min']:.5f} | "
             f"{v['official_matched']['cos_min']:.5f} | {row['tokenthin_vs_official_matched']['max_abs']:.3g} | "
             f"{row['picks_first_layer'][1]:.3f} / {row['picks_all_layers'][1]:.3f} |"
         )
@@ -202,8 +209,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--layerscale", type=float, nargs="*", default=[1e-5, 0.1, 1.0])
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--out", default="results/timm_tome.json")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     import timm
 

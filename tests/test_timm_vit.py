@@ -222,3 +222,11 @@ def test_input_site_needs_dynamic_img_size() -> None:
 def test_fused_toggle_helper() -> None:
     model = set_fused(vit("map"), False)
     assert not any(getattr(m, "fused_attn", False) for m in model.modules())
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if needs_cls(m) and m != "visionzip"])
+def test_cls_methods_refuse_models_without_class_token(method: str) -> None:
+    model = vit("avg")
+    tokenthin.apply(model, method, keep=0.5)
+    with pytest.raises(tokenthin.TokenThinError, match="no \\[CLS\\] token"):
+        run(model, images(2))
