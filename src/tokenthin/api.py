@@ -96,7 +96,8 @@ def _run_calibration(model: nn.Module, rt: Any, pixel_values: torch.Tensor) -> N
     rt.calibrating = True
     try:
         with torch.no_grad():
-            rt.adapter.root(pixel_values=pixel_values.to(next(model.parameters()).dtype))
+            args, kwargs = rt.adapter.call_args(pixel_values.to(next(model.parameters()).dtype))
+            rt.adapter.root(*args, **kwargs)
     finally:
         rt.calibrating = False
 

@@ -97,6 +97,10 @@ class Adapter:
         (checked for device and dtype by the runtime)."""
         raise NotImplementedError
 
+    def call_args(self, x: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        """Arguments that call ``root`` on a batch of inputs (calibration runs)."""
+        return (), {"pixel_values": x}
+
     def layout_for(self, size: tuple[int, int] | int | None) -> Layout:
         """The layout for an input size hint (``image_size=`` for images, a length for sequences); None: default."""
         if size is None:
