@@ -230,3 +230,17 @@ def test_cls_methods_refuse_models_without_class_token(method: str) -> None:
     tokenthin.apply(model, method, keep=0.5)
     with pytest.raises(tokenthin.TokenThinError, match="no \\[CLS\\] token"):
         run(model, images(2))
+
+
+def test_block_site_on_timm() -> None:
+    """Site block through the contract's default layer seams: identity at keep 1, full token count out."""
+    model = vit("layerscale").eval()
+    x = images()
+    with torch.no_grad():
+        ref = model(x)
+        with tokenthin.applied(model, "tome", keep=1.0, site="block"):
+            assert (model(x) - ref).abs().max() <= 1e-5
+        with tokenthin.applied(model, "tome", keep=0.5, site="block"):
+            out = model(x)
+            assert out.shape == ref.shape and 0 < (out - ref).abs().max() < float("inf")
+            assert max(tokenthin.info(model).tokens_per_layer) < tokenthin.explain(model)["tokens"]

@@ -70,7 +70,7 @@ def _is_vit(m: nn.Module) -> bool:
 class TimmViTAdapter(Adapter):
     name = "timm_vit"
     priority = 10
-    sites = frozenset({"input", "layers", "layer", "output"})
+    sites = frozenset({"input", "layers", "layer", "output", "block"})
     families = (
         "timm VisionTransformer (timm 1.0.16+: class token and/or registers or none; token, avg and map pooling; "
         "LayerScale, qk-norm, dynamic_img_size)"
