@@ -9,12 +9,14 @@ from typing import Any
 
 from torch import nn
 
-from . import budget as _budget
-from .budget import Request
-from .errors import BudgetError, SiteError, TokenThinError
-from .methods.base import Method
-from .runtime import Runtime
-from .vlm import CollapseSlots, VLMRuntime, VLMSchedule, parse_vlm_site
+from .. import budget as _budget
+from ..budget import Request
+from ..errors import BudgetError, SiteError, TokenThinError
+from ..methods.base import Method
+from ..runtime import Runtime
+from .runtime import VLMRuntime
+from .schedule import VLMSchedule, parse_vlm_site
+from .tower import CollapseSlots
 
 
 def build(model: nn.Module, adapter: Any, cls: type[Method], m: Method, req: Request) -> VLMRuntime:
