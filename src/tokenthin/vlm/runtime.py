@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from ..adapters.hf_vlm import VLMAdapter
+from ..adapters.hf_vlm import LMCall, VLMAdapter
 from ..errors import TokenThinError
 from ..methods.base import Method
 from ..runtime import _sync
@@ -210,7 +210,7 @@ class VLMRuntime:
         a.check_prefill_mask(lc.mask)
         return self._timed(lambda: self._prefill(c, lc, kwargs))
 
-    def _prefill(self, c: Call, lc: Any, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _prefill(self, c: Call, lc: LMCall, kwargs: dict) -> tuple[tuple, dict] | None:
         assert lc.embeds is not None
         start_prefill(c, self.adapter, self._carry, lc.embeds, lc.mask)
         if self.schedule.output_keep is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.hf_vision import HFVisionAdapter
 from ..adapters.hf_vlm import VLMAdapter
 from ..errors import TokenThinError
 from ..methods.base import SignalSource
@@ -63,7 +64,7 @@ class VLMSignals(SignalSource):
             )
         return c.q.get(layer), c.k[layer]
 
-    def _vision(self):
+    def _vision(self) -> HFVisionAdapter:
         v = self.adapter.vision
         assert v is not None  # the runtime refuses vision signals on hosts without a scorable tower
         return v
