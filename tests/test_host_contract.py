@@ -39,6 +39,42 @@ def test_no_module_lists_the_adapters_and_the_runtime_names_no_host_keyword() ->
             assert keyword not in f.read_text(), f"{f.name} names {keyword}"
 
 
+def test_the_vlm_runtime_names_no_hugging_face_internal() -> None:
+    """Module names, call keywords, mask formats and rotary details of Hugging Face hosts live in the adapters."""
+    banned = (
+        "multi_modal_projector",
+        "past_key_values",
+        "cache_position",
+        "q_proj",
+        "self_attn",
+        "position_embeddings",
+        "position_ids",
+        "inputs_embeds",
+        "_attn_implementation",
+        "attention_mask",
+        "pixel_values",
+        "input_ids",
+        "hidden_states",
+        "kwargs[",
+        "kwargs.get(",
+        "getattr(",
+    )
+    files = sorted((SRC / "vlm").glob("*.py"))
+    assert len(files) >= 10
+    for f in files:
+        text = f.read_text()
+        for keyword in banned:
+            assert keyword not in text, f"vlm/{f.name} names {keyword}"
+        assert len(text.splitlines()) < 400, f"vlm/{f.name} is over 400 lines"
+    for f in sorted((SRC / "adapters").glob("*.py")):  # the adapters read no private state of the runtime
+        assert "._layout" not in f.read_text() and "._projected" not in f.read_text(), f.name
+
+
+def test_no_method_reads_untyped_extras() -> None:
+    for f in sorted((SRC / "methods").glob("*.py")):
+        assert "extras" not in f.read_text(), f"methods/{f.name} reads ReduceInput.extras"
+
+
 def test_no_src_file_imports_in_a_circle_at_module_level() -> None:
     graph: dict[str, set[str]] = {}
     for f in SRC.rglob("*.py"):

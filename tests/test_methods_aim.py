@@ -93,7 +93,7 @@ def test_lm_attention_logits_match_eager_attentions():
     orig = AIM.reduce
 
     def spy(self, inp, keep):
-        if inp.extras["site"] == "llm":
+        if inp.site == "llm":
             grabbed.setdefault(inp.layer, inp.signals.lm_attention_logits(inp.layer).softmax(-1)[0])
         return orig(self, inp, keep)
 

@@ -201,7 +201,7 @@ def globalcom2_ref(att: list[float], layout, k: int, temperature: float) -> list
 )
 def test_allocation_matches_token_by_token_reference(s, ch, cw, cs, cut_c, cut_r, k, temp):
     layout = anyres_layout(s, ch, cw, cs, cut_c, cut_r)
-    views, _, _, pos = layout
+    views, rows, cols, _ = layout
     n, b = len(views), 3
     gen = torch.Generator().manual_seed(n * 7 + k)
     cls = torch.rand(b, n, generator=gen, dtype=torch.float64).float()
@@ -216,7 +216,9 @@ def test_allocation_matches_token_by_token_reference(s, ch, cw, cs, cut_c, cut_r
         grid=(0, 0),
         pristine=True,
         signals=Scores(cls),
-        extras={"view": torch.tensor([views] * b), "vis_pos": torch.tensor([pos] * b)},
+        view=torch.tensor([views] * b),
+        rows=torch.tensor([rows] * b),
+        cols=torch.tensor([cols] * b),
     )
     keep, target = get("globalcom2")(temperature=temp).reduce(inp, torch.full((b,), k))
     assert target is None and (keep.sum(1) == k).all()
@@ -228,9 +230,7 @@ def test_allocation_matches_token_by_token_reference(s, ch, cw, cs, cut_c, cut_r
 def test_two_images_in_one_sample_are_planned_apart():
     a = anyres_layout(2, 1, 2, 2, 0, 0)
     b_ = anyres_layout(2, 2, 1, 2, 0, 0)
-    shift = a[3][-1] + 5  # text between the images
-    views = a[0] + b_[0]
-    pos = a[3] + [p + shift for p in b_[3]]
+    views, rows, cols = a[0] + b_[0], a[1] + b_[1], a[2] + b_[2]
     n = len(views)
     cls = torch.rand(1, n, generator=torch.Generator().manual_seed(0))
     inp = ReduceInput(
@@ -243,7 +243,9 @@ def test_two_images_in_one_sample_are_planned_apart():
         grid=(0, 0),
         pristine=True,
         signals=Scores(cls),
-        extras={"view": torch.tensor([views]), "vis_pos": torch.tensor([pos])},
+        view=torch.tensor([views]),
+        rows=torch.tensor([rows]),
+        cols=torch.tensor([cols]),
     )
     keep, _ = get("globalcom2")().reduce(inp, torch.tensor([6]))
     assert int(keep.sum()) == 6

@@ -121,7 +121,7 @@ def make_input(x: torch.Tensor, cls: torch.Tensor, view: torch.Tensor | None = N
         grid=(0, 0),
         pristine=True,
         signals=Scores(cls),
-        extras={} if view is None else {"view": view},
+        view=view,
     )
 
 

@@ -63,7 +63,8 @@ def test_selection_matches_a_per_token_reference():
         grid=(3, 4),
         pristine=True,
         signals=SignalSource(),
-        extras={"text": text, "text_valid": text_valid},
+        text=text,
+        text_valid=text_valid,
     )
     keep, _ = MMTok().reduce(inp, torch.tensor([4, 4]))
     for b in range(2):

@@ -38,7 +38,8 @@ def test_plan_matches_a_per_token_reference():
         grid=(2, 5),
         pristine=True,
         signals=_Cls(score),
-        extras={"text": text, "text_valid": torch.ones(1, 3, dtype=torch.bool)},
+        text=text,
+        text_valid=torch.ones(1, 3, dtype=torch.bool),
     )
     keep, target = Recoverable().reduce(inp, torch.tensor([k]))
     cos = torch.nn.functional.cosine_similarity

@@ -94,12 +94,41 @@ def test_token_map_matches_the_models_own_packing(model, inputs):
         h.remove()
     rows = torch.cat(feats)
 
-    class Probe:
-        _projected = grabbed["p"]
-
-    tm = tokenthin.api.find_adapter(model).token_map(rows, [f.shape[0] for f in feats], Probe())
+    adapter = tokenthin.api.find_adapter(model)
+    layout = adapter.layout((), {"pixel_values": torch.zeros(sum(crops), 3, IMG, IMG)})
+    tm = adapter.token_map(rows, [f.shape[0] for f in feats], layout, grabbed["p"])
     assert torch.equal(tm.newline, expect < 0)
     assert torch.equal(tm.flat[expect >= 0], expect[expect >= 0])
     # views: 0 on each image's base view, >= 1 on its crops
     first = torch.cumsum(torch.tensor([0] + [f.shape[0] for f in feats[:-1]]), 0)
     assert (tm.view[first] == 0).all() and (tm.view[~tm.newline] >= 0).all() and tm.view.max() >= 1
+
+    # rows / columns: feed every crop patch its (row, column) in the tiled crop grid through the model's own
+    # packing; tokenthin's places must be those, shifted by the image's unpadding cut (constant per image)
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    side = IMG // 8
+    places = []
+    for s, n in zip(sizes, crops):
+        _, gw = get_anyres_image_grid_shape(s.tolist(), PINPOINTS, IMG)
+        f = torch.full((n, side, side, 2), -5.0)
+        for j in range(n - 1):
+            y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+            f[1 + j, ..., 0] = (j // gw) * side + y
+            f[1 + j, ..., 1] = (j % gw) * side + x
+        places.append(f.view(n, side * side, 2))
+    packed, _ = model.model.pack_image_features(places, sizes, "default", image_newline=torch.tensor([-1.0, -1.0]))
+    tiled = torch.cat(packed).long()
+    ends = [*first.tolist(), rows.shape[0]]
+    for i in range(len(feats)):
+        lo, hi = ends[i], ends[i + 1]
+        view, r, c = tm.view[lo:hi], tm.row[lo:hi], tm.col[lo:hi]
+        crop = (view > 0) & ~tm.newline[lo:hi]
+        base = (view == 0) & ~tm.newline[lo:hi]
+        assert int(r[crop].min()) == 0 and int(c[crop].min()) == 0
+        for k, got in ((0, r), (1, c)):
+            shift = tiled[lo:hi, k][crop] - got[crop]
+            assert (shift == shift[0]).all(), (i, k)
+        b = torch.arange(int(base.sum()))
+        assert torch.equal(r[base], b // side) and torch.equal(c[base], b % side)
+        assert (r[tm.newline[lo:hi]] == -1).all() and (c[tm.newline[lo:hi]] == -1).all()

@@ -16,7 +16,7 @@ from .errors import AlreadyAppliedError, InputMismatchError, NotAppliedError, To
 from .methods.base import all_methods, get
 from .runtime import Runtime, TokenInfo
 from .runtime import build as _build_encoder
-from .vlm_setup import build as _build_vlm
+from .vlm.setup import build as _build_vlm
 
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # Runtime | VLMRuntime
 # the runtime kinds an adapter can ask for (Adapter.kind); hosts are plug-ins, these two runtimes are the core

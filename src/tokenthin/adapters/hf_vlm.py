@@ -1,22 +1,25 @@
-"""Hugging Face vision-language models whose language model reads the visual tokens in its own sequence:
-``LlavaForConditionalGeneration`` / ``LlavaModel`` (and look-alikes: a module with ``vision_tower``,
-``multi_modal_projector`` and ``language_model``, an ``image_token_id`` in its config), and
-``Qwen2VLForConditionalGeneration`` / ``Qwen2_5_VLForConditionalGeneration`` (``visual`` + ``language_model``,
-multimodal rotary positions).
+"""What every Hugging Face vision-language host shares: a language model that reads the visual tokens in its own
+sequence. The hosts themselves live in :mod:`tokenthin.adapters.hf_llava` (LLaVA, LLaVA-NeXT) and
+:mod:`tokenthin.adapters.hf_qwen2vl` (Qwen2-VL, Qwen2.5-VL).
 
-The adapter only says where things are; :mod:`tokenthin.vlm` does the work. Seams (transformers 4.57 - 5.24):
+The adapter only says where things are and how the host's calls are spelled; :mod:`tokenthin.vlm` does the work and
+names no Hugging Face keyword. Every Hugging Face seam of the vision-language runtime is here (transformers 4.57 -
+5.24):
 
-* the inner multimodal model (``LlavaModel``) receives ``input_ids``: a forward pre-hook reads where the image
-  placeholder tokens are and whether this call is a prefill (an image, an empty cache) or a decoding step;
-* the vision tower: a forward pre-hook records the image layout (how many visual tokens each image gives, its
-  token grid); forward hooks on its query/key projections capture what scores need (e.g. [CLS] attention of the
-  feature layer LLaVA reads, ``vision_feature_layer``). transformers 5.24's ``generate()`` runs the tower before the
-  multimodal model's forward, so both are kept until the next prefill picks them up;
+* the inner multimodal model (``LlavaModel``) receives ``input_ids`` and ``pixel_values`` (:meth:`root_call`): a
+  forward pre-hook reads where the image placeholder tokens are and whether this call is a prefill (an image, an
+  empty cache) or a decoding step; the outer model's ``labels`` are refused (:meth:`labels_given`);
+* the vision tower: a forward pre-hook records the image layout (:meth:`layout`; :meth:`token_map` maps the
+  prompt's image tokens back to the tower's, :mod:`tokenthin.adapters.hf_vlm_tokens`); forward hooks on its
+  query/key projections capture what scores need. transformers 5.24's ``generate()`` runs the tower before the
+  multimodal model's forward (``mm_encoder_outputs``), so both are kept until the next prefill picks them up;
+* the projector (:attr:`projector`, LLaVA's ``multi_modal_projector``), called with the image features first;
 * the language model (``LlamaModel`` & co.) is always called with keyword arguments (``inputs_embeds``,
-  ``attention_mask``, ``position_ids``, the cache): its forward pre-hook shortens the sequence at the ``output``
-  site, and rewrites the mask and positions of every later decoding step to match the shorter cache;
-* the language model's decoder layers, for ``llm:k``: a forward hook on layer k drops visual tokens from its output,
-  and pre-hooks on the later layers hand them the matching attention mask and rotary embeddings.
+  ``attention_mask``, ``position_ids``, ``cache_position``, the cache as ``past_key_values`` or, from 5.24,
+  ``cache``): :meth:`lm_call` reads them into an :class:`LMCall`, :meth:`with_lm_call` writes them back;
+* the language model's decoder layers (``hidden_states`` first, then ``position_embeddings`` (cos, sin), the mask in
+  the attention implementation's format, :meth:`layer_mask`); their ``self_attn.q_proj`` / ``k_proj`` and rotary
+  function (:meth:`lm_qk_modules`, :meth:`lm_logits`).
 
 No forward body is copied.
 """
@@ -31,9 +34,11 @@ import torch
 from torch import nn
 
 from ..errors import InputMismatchError, TokenThinError, UnsupportedModelError
-from .contract import Adapter
+from .contract import Adapter, Handle, hidden_of
 from .hf_vision import HFVisionAdapter
-from .registry import register
+from .hf_vlm_tokens import ImageLayout, TokenMap, assign_images, grid_place
+
+_KEEP: Any = object()  # with_lm_call: leave this argument as the caller gave it
 
 
 def _language_layers(lm: nn.Module) -> nn.ModuleList:
@@ -45,52 +50,40 @@ def _language_layers(lm: nn.Module) -> nn.ModuleList:
 
 
 @dataclass
-class TokenMap:
-    """Where a prompt's image tokens (M of them, in prompt order) come from."""
+class RootCall:
+    """The multimodal model's call as the runtime reads it."""
 
-    flat: torch.Tensor  # (M,) index into the vision tower's tokens, image-major, host-dropped tokens excluded
-    newline: torch.Tensor  # (M,) bool: a structure token (LLaVA-NeXT row end) that is kept and never scored
-    view: torch.Tensor  # (M,) 0: the image (or AnyRes base view), k >= 1: the k-th crop of an AnyRes image
-    grids: list[tuple[int, int]]  # per sample: its image's token grid; (0, 0) for several images / AnyRes
-
-
-def _walk(per: list[int], layout: list[tuple[int, tuple[int, int]]]) -> list[list[int]] | None:
-    """Images of each sample, consumed in order; None if the token counts do not line up."""
-    out, i = [], 0
-    for n in per:
-        got, imgs = 0, []
-        while got < n and i < len(layout):
-            got += layout[i][0]
-            imgs.append(i)
-            i += 1
-        if got != n:
-            return None
-        out.append(imgs)
-    return out if i == len(layout) else None
+    ids: torch.Tensor | None  # (B, T) token ids
+    pixels: torch.Tensor | None  # pixel values, when the vision tower runs inside this call
+    has_image: bool  # pixel values or image features computed beforehand (generate() in transformers 5.24)
+    cache: Any  # the KV cache object, or None
 
 
-def assign_images(
-    per: list[int], layout: list[tuple[int, tuple[int, int]]] | None
-) -> tuple[list[tuple[int, int]], list[list[int]]]:
-    """Each sample's image grid (h, w) ((0, 0) where a sample holds several images) and its images' indices in the
-    vision tower's batch. ``generate()`` with beams or ``num_return_sequences`` repeats every prompt ``r`` times
-    after the tower ran once per image: then each run of ``r`` samples shares its images."""
-    if layout is None:
-        raise TokenThinError("internal: the vision tower did not run before the language model")
-    imgs = _walk(per, layout)
-    total = sum(t for t, _ in layout)
-    if imgs is None and total and sum(per) % total == 0 and len(per) % (sum(per) // total) == 0:
-        r = sum(per) // total
-        base = _walk(per[::r], layout)
-        if base is not None and all(per[s] == per[(s // r) * r] for s in range(len(per))):
-            imgs = [base[s // r] for s in range(len(per))]
-    if imgs is None:
-        raise InputMismatchError(
-            f"the prompts hold {per} image tokens but the {len(layout)} image(s) give "
-            f"{[t for t, _ in layout]}; build prompts with the model's processor (one image-token run per image)"
-        )
-    grids = [layout[g[0]][1] if len(g) == 1 else (0, 0) for g in imgs]
-    return grids, imgs
+@dataclass
+class LMCall:
+    """A call of the language model or one of its decoder layers, as the runtime reads it."""
+
+    embeds: torch.Tensor | None  # (B, T, D): the input embeddings (language model) or hidden states (layer)
+    mask: torch.Tensor | None  # the attention mask as the caller gave it
+    positions: torch.Tensor | None  # (B|1, T) positions, or (S, B|1, T) multimodal ones (Qwen2-VL)
+    rotary: tuple[torch.Tensor, torch.Tensor] | None  # a decoder layer's rotary (cos, sin)
+    cache: Any  # the KV cache object, or None
+    cache_slots: torch.Tensor | None  # (T,) slots in the cache, when the host numbers them
+
+
+def _gather_seq(x: torch.Tensor, idx: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """Gather positions / rotary tensors along their sequence axis for each sample (``idx``: (B, T'))."""
+    if x.dim() == 2:  # (B|1, T) positions
+        return x.expand(idx.shape[0], -1).gather(1, idx)
+    if x.dim() == 3 and batch_dim == 0:  # (B|1, T, d) rotary cos/sin
+        x = x.expand(idx.shape[0], -1, -1)
+        return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    # (S, B|1, T[, d]): multimodal positions / rotary (sections first)
+    x = x.expand(x.shape[0], idx.shape[0], *x.shape[2:])
+    g = idx.unsqueeze(0).expand(x.shape[0], -1, -1)
+    if x.dim() == 4:
+        g = g.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1])
+    return x.gather(2, g)
 
 
 class VLMAdapter(Adapter):
@@ -101,6 +94,7 @@ class VLMAdapter(Adapter):
     sites = frozenset({"output", "llm", "output+llm", "layers", "layer"})
     shift_positions = True  # 1-D rotary positions: a shorter prompt is numbered 0..T'-1 at the output site
     vision: HFVisionAdapter | None = None  # a ViT-like tower whose attention tokenthin can score, or None
+    projector: nn.Module | None = None  # receives the tower's features (first argument) for the language model
     feature_layer = 0  # vision layer whose output the language model reads (ReduceInput.layer)
     vision_layers = 0
     drops_protected = 0  # leading tokens ([CLS]) the host drops from each image's features
@@ -122,23 +116,198 @@ class VLMAdapter(Adapter):
         self.lm_scale = float(getattr(attn, "scaling", self.lm_head_dim**-0.5))
         self.lm_config = tcfg
 
-    def layout(self, args: tuple, kwargs: dict[str, Any]) -> list[tuple[int, tuple[int, int]]]:
+    # ----- the image tokens -----
+    def layout(self, args: tuple, kwargs: dict[str, Any]) -> ImageLayout:
         """From the vision tower's call: (visual tokens, token grid (h, w)) of every image, in prompt order."""
         raise NotImplementedError
 
-    def token_map(self, rows: torch.Tensor, per: list[int], rt: Any) -> TokenMap:
-        """Map the prompt's image-token embeddings ``rows`` (M, D) to the vision tower's tokens. Default: the
-        features were scattered in image-major order, one image after another, nothing re-packed."""
-        grids, imgs = assign_images(per, rt._layout)
+    def token_map(
+        self, rows: torch.Tensor, per: list[int], layout: ImageLayout | None, projected: torch.Tensor | None
+    ) -> TokenMap:
+        """Map the prompt's image-token embeddings ``rows`` (M, D; ``per`` of them per sample) to the vision
+        tower's tokens, given the last tower call's ``layout`` and the projector's last output ``projected`` (kept
+        only for hosts that set ``needs_projected``). Default: the features were scattered in image-major order, one
+        image after another, nothing re-packed."""
+        grids, imgs = assign_images(per, layout)
+        assert layout is not None
         start = [0]
-        for t, _ in rt._layout:
+        for t, _ in layout:
             start.append(start[-1] + t)
-        flat = torch.cat([torch.arange(start[img], start[img + 1], device=rows.device) for g in imgs for img in g])
-        zeros = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
-        return TokenMap(flat, zeros.bool(), zeros, grids)
+        dev = rows.device
+        flat = torch.cat([torch.arange(start[img], start[img + 1], device=dev) for g in imgs for img in g])
+        places = [grid_place(torch.arange(layout[i][0], device=dev), *layout[i]) for g in imgs for i in g]
+        zeros = torch.zeros(rows.shape[0], dtype=torch.long, device=dev)
+        row = torch.cat([r for r, _ in places])
+        col = torch.cat([c for _, c in places])
+        return TokenMap(flat, zeros.bool(), zeros, grids, row, col)
+
+    # ----- the multimodal model's and the outer model's calls -----
+    def root_call(self, args: tuple, kwargs: dict[str, Any]) -> RootCall:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        pv = kwargs.get("pixel_values", args[1] if len(args) > 1 else None)
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        has_image = pv is not None or (isinstance(mm, dict) and mm.get("image") is not None)
+        return RootCall(ids=ids, pixels=pv, has_image=has_image, cache=self.cache_of(kwargs))
+
+    def image_tokens(self, rc: RootCall) -> torch.Tensor:
+        """(B, T) bool: the image placeholder tokens of a prefill, after refusing prompts without an image and pixel
+        values the vision tower would mis-read, naming the fix."""
+        ids = rc.ids
+        if ids is None:
+            raise TokenThinError(
+                "pass input_ids (not inputs_embeds) while tokenthin is applied: it finds the image tokens by their id"
+            )
+        vis = ids == self.image_token_id
+        per = vis.sum(1)
+        if not rc.has_image or not bool((per > 0).all()):
+            which = "the prompt has" if ids.shape[0] == 1 else f"sample(s) {(per == 0).nonzero().flatten().tolist()}"
+            raise TokenThinError(
+                f"prompt without image: {which} no image token (id {self.image_token_id})"
+                + ("" if rc.has_image else " and no pixel_values were given")
+                + "; tokenthin reduces visual tokens, so every prompt of a call needs an image. Run text-only "
+                "prompts with tokenthin.remove(model), or outside a `with tokenthin.applied(...)` block"
+            )
+        self._check_pixels(rc.pixels)
+        return vis
+
+    def _check_pixels(self, pv: torch.Tensor | None) -> None:
+        param = next(self.root.parameters())
+        if pv is not None and not pv.is_floating_point():
+            raise InputMismatchError(f"pixel_values has dtype {pv.dtype}; use the processor's float pixel values")
+        if pv is not None and pv.device != param.device:
+            raise InputMismatchError(f"pixel_values is on {pv.device} but the model is on {param.device}; move them")
+
+    def labels_given(self, kwargs: dict[str, Any]) -> bool:
+        """The outer model was asked for a loss (its labels would not line up with a shorter sequence)."""
+        return kwargs.get("labels") is not None
+
+    def hook_projector(self, pre: Any = None, post: Any = None) -> list[Handle]:
+        """Hooks on the projector: ``pre(features | None) -> features | None`` may replace the tower's features it
+        receives (None: it was not given them positionally); ``post(projected)`` sees its output."""
+        assert self.projector is not None
+        hooks: list[Handle] = []
+        if pre is not None:
+
+            def _pre(_m: nn.Module, args: tuple) -> tuple | None:
+                new = pre(args[0] if args else None)
+                return None if new is None else (new, *args[1:])
+
+            hooks.append(self.projector.register_forward_pre_hook(_pre))
+        if post is not None:
+            hooks.append(self.projector.register_forward_hook(lambda _m, _a, out: post(out)))
+        return hooks
+
+    # ----- the language model's calls -----
+    def cache_of(self, kwargs: dict[str, Any], out: Any = None) -> Any:
+        """The KV cache a call was given, else the one its output returns (``out``, a ModelOutput); None if none."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and isinstance(out, dict):  # ModelOutput; the key is "cache" from transformers 5.24
+            cache = out.get("cache")
+            if cache is None:
+                cache = out.get("past_key_values")
+        return cache
+
+    def cache_len(self, cache: Any, layer: int = 0) -> int:
+        """Tokens held by ``cache`` at language-model layer ``layer`` (0 for no cache)."""
+        if cache is None:
+            return 0
+        if isinstance(cache, (tuple, list)):
+            raise TokenThinError("tokenthin needs a transformers Cache object (e.g. DynamicCache), not legacy tuples")
+        try:
+            return int(cache.get_seq_length(layer))
+        except (IndexError, KeyError):
+            return 0
+
+    def check_prefill_mask(self, mask: torch.Tensor | None) -> None:
+        """Refuse a prefill mask the runtime cannot rebuild (a static or compiled cache's 4-D one)."""
+        if mask is not None and mask.dim() != 2:
+            raise TokenThinError(
+                "tokenthin needs a 2-D attention_mask (a dynamic cache); static or compiled caches, which get a 4-D "
+                "mask, are not supported"
+            )
+
+    def check_decode_mask(self, mask: torch.Tensor, prompt_len: int) -> None:
+        """Refuse a decoding step's mask that does not cover the prompt as the caller numbers it."""
+        if mask.dim() != 2 or mask.shape[1] < prompt_len:
+            raise TokenThinError("tokenthin needs the 2-D attention_mask generate() keeps, covering the prompt")
+
+    def is_cache(self, cache: Any) -> bool:
+        """``cache`` is a cache object the runtime can key a shortened prompt on."""
+        return cache is not None and not isinstance(cache, (tuple, list))
+
+    def lm_call(self, kwargs: dict[str, Any]) -> LMCall:
+        """The language model's call (it is always called with keywords)."""
+        return self._call_of(kwargs.get("inputs_embeds"), kwargs)
+
+    def layer_call(self, args: tuple, kwargs: dict[str, Any]) -> LMCall:
+        """A decoder layer's call (hidden states first)."""
+        return self._call_of(hidden_of(args, kwargs), kwargs)
+
+    def _call_of(self, embeds: torch.Tensor | None, kwargs: dict[str, Any]) -> LMCall:
+        return LMCall(
+            embeds=embeds,
+            mask=kwargs.get("attention_mask"),
+            positions=kwargs.get("position_ids"),
+            rotary=kwargs.get("position_embeddings"),
+            cache=self.cache_of(kwargs),
+            cache_slots=kwargs.get("cache_position"),
+        )
+
+    def with_lm_call(
+        self,
+        kwargs: dict[str, Any],
+        *,
+        embeds: Any = _KEEP,
+        mask: Any = _KEEP,
+        positions: Any = _KEEP,
+        rotary: Any = _KEEP,
+        cache_slots: Any = _KEEP,
+    ) -> dict[str, Any]:
+        """A copy of a language-model (or decoder-layer) call's keyword arguments with the given parts replaced."""
+        out = dict(kwargs)
+        for key, value in (
+            ("inputs_embeds", embeds),
+            ("attention_mask", mask),
+            ("position_ids", positions),
+            ("position_embeddings", rotary),
+            ("cache_position", cache_slots),
+        ):
+            if value is not _KEEP:
+                out[key] = value
+        return out
+
+    def select_positions(self, positions: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Positions ((B|1, T) or multimodal (S, B|1, T)) of the sequence entries ``idx`` (B, T') of each sample."""
+        return _gather_seq(positions, idx, 0 if positions.dim() == 2 else 1)
+
+    def select_rotary(self, rotary: tuple[torch.Tensor, torch.Tensor], idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A decoder layer's rotary (cos, sin) for the sequence entries ``idx`` (B, T') of each sample."""
+        bd = 0 if rotary[0].dim() == 3 else 1
+        return tuple(_gather_seq(t, idx, bd) for t in rotary)
+
+    def layer_mask(self, valid_kv: torch.Tensor, q: int, like: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """(B, 1, q, KV) causal mask over keys ``valid_kv`` (B, KV) for the last ``q`` positions, in the format the
+        decoder layers read: bool (True attends) unless the incoming mask ``like`` is float or the host runs eager
+        attention (additive)."""
+        impl = getattr(self.lm_config, "_attn_implementation", None) or "eager"
+        _b, kv = valid_kv.shape
+        qi = torch.arange(q, device=valid_kv.device).unsqueeze(1) + (kv - q)
+        causal = torch.arange(kv, device=valid_kv.device).unsqueeze(0) <= qi  # (q, KV)
+        m = valid_kv[:, None, None, :] & causal[None, None]
+        m = m | (torch.arange(kv, device=valid_kv.device).unsqueeze(0) == qi)[None, None]  # a token sees itself
+        floaty = (isinstance(like, torch.Tensor) and like.is_floating_point()) or (like is None and impl == "eager")
+        if floaty:
+            return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+        return m
+
+    @property
+    def lm_device(self) -> torch.device:
+        """Where the language model's first layer runs (for timing)."""
+        return self.lm_layers[0].self_attn.q_proj.weight.device
 
     # ----- language-model attention, for scores inside the LLM -----
     def lm_qk_modules(self, i: int) -> tuple[nn.Module, nn.Module]:
+        """Layer i's query and key projections (their outputs: (B, T, heads * head_dim), (B, T, kv * head_dim))."""
         att = self.lm_layers[i].self_attn
         return att.q_proj, att.k_proj
 
@@ -157,6 +326,24 @@ class VLMAdapter(Adapter):
             return mod.apply_multimodal_rotary_pos_emb(t, t, cos, sin, sec)[0]
         return mod.apply_rotary_pos_emb(t, t, cos, sin)[0]
 
+    def lm_logits(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], last_only: bool
+    ) -> torch.Tensor:
+        """Attention logits (B, H, R, T) of layer i for R query rows (the last one, or all), from its captured
+        query / key projections ``q``, ``k`` (B, T, ...) and its rotary (cos, sin), scaled as the layer scales them;
+        nothing masked."""
+        b, t, _ = k.shape
+        h, kv, d = self.lm_heads, self.lm_kv_heads, self.lm_head_dim
+        rows = slice(t - 1, t) if last_only else slice(0, t)
+        qh = q[:, rows].reshape(b, -1, h, d).transpose(1, 2)
+        kh = k.view(b, t, kv, d).transpose(1, 2)
+        cos, sin = rotary
+        qh = self.rope(i, qh, cos[..., rows, :], sin[..., rows, :], "q")
+        kh = self.rope(i, kh, cos, sin, "k")
+        kh = kh.repeat_interleave(h // kv, dim=1)
+        return (qh.float() @ kh.float().transpose(-1, -2)) * self.lm_scale
+
+    # ----- explain() -----
     @property
     def num_layers_reduced(self) -> int:
         return len(self.lm_layers)
@@ -180,179 +367,3 @@ class VLMAdapter(Adapter):
             f"{names[self.lm]} (pre-hook: shorter prompt at 'output'; mask/positions of every decoding step)",
             f"{names[self.lm]} layers k.. (for 'llm:k': output hook at k, mask/rotary pre-hooks after k)",
         ]
-
-
-@register
-class HFLlavaAdapter(VLMAdapter):
-    name = "hf_llava"
-    priority = 30
-    """LLaVA-style host: vision tower -> projector -> image features scattered into the language model's input."""
-
-    families = (
-        "Hugging Face LlavaForConditionalGeneration / LlavaModel (CLIP or SigLIP tower, Llama/Mistral/Qwen2 "
-        "language model), with generate() and its KV cache"
-    )
-
-    def __init__(self, top: nn.Module, root: nn.Module) -> None:
-        super().__init__(top, root, root.vision_tower)
-        vision = HFVisionAdapter.detect(root.vision_tower)
-        if vision is None:
-            raise UnsupportedModelError(f"cannot read the vision tower {type(root.vision_tower).__name__}")
-        self.vision = vision
-        self.vision_layers = len(vision.layers)
-        layer = getattr(self.config, "vision_feature_layer", -1)
-        if not isinstance(layer, int):
-            raise UnsupportedModelError(
-                f"vision_feature_layer={layer!r}: several feature layers are not supported yet; use one layer"
-            )
-        n = len(vision.layers)
-        # hidden_states[j] is the output of encoder layer j - 1 (index 0: the embeddings)
-        self.feature_layer = (layer % (n + 1)) - 1
-        if self.feature_layer < 0:
-            raise UnsupportedModelError("vision_feature_layer selects the embeddings; nothing to score there")
-        strategy = getattr(self.config, "vision_feature_select_strategy", "default")
-        self.drops_protected = vision.num_protected if strategy == "default" else 0
-
-    @classmethod
-    def detect(cls, model: nn.Module) -> HFLlavaAdapter | None:
-        for m in model.modules():
-            if not all(isinstance(getattr(m, a, None), nn.Module) for a in ("vision_tower", "language_model")):
-                continue
-            if not isinstance(getattr(m, "multi_modal_projector", None), nn.Module):
-                continue
-            cfg = getattr(m, "config", None)
-            if cfg is None or not (hasattr(cfg, "image_token_id") or hasattr(cfg, "image_token_index")):
-                continue
-            return cls(model, m)
-        return None
-
-    def layout(self, args: tuple, kwargs: dict[str, Any]) -> list[tuple[int, tuple[int, int]]]:
-        pv = kwargs.get("pixel_values", args[0] if args else None)
-        assert self.vision is not None and isinstance(pv, torch.Tensor)
-        p = self.vision.patch
-        grid = (pv.shape[-2] // p[0], pv.shape[-1] // p[1])
-        extra = self.vision.num_protected - self.drops_protected
-        return [(grid[0] * grid[1] + extra, grid)] * pv.shape[0]
-
-
-def _row_hash(x: torch.Tensor) -> torch.Tensor:
-    """(M, D) -> (M,) int64: an exact function of each row's bits (integer arithmetic, so the same row always gives
-    the same value whatever the batch shape; equal rows collide, unequal rows almost never do)."""
-    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
-    bits = x.contiguous().view(ints).long()
-    g = torch.Generator().manual_seed(0x70CE)
-    coef = (torch.randint(1, 2**62, (x.shape[-1],), generator=g) * 2 + 1).to(x.device)
-    return (bits * coef).sum(-1)
-
-
-@register
-class HFLlavaNextAdapter(HFLlavaAdapter):
-    name = "hf_llava_next"
-    priority = 40  # a LLaVA look-alike too: tried first
-    """LLaVA-NeXT (AnyRes): each image is a base view plus crops; inside its forward the model unpads the crops,
-    re-packs them row by row and appends an ``image_newline`` embedding to every row.
-
-    tokenthin maps every image token back to the vision-tower patch it came from by exact identity of its
-    projected feature with the projector's output (a bit-exact row hash, then verified), and recognises row-end
-    tokens by identity with ``image_newline``. Choice for the row-end tokens: they are structure, not content;
-    they are kept (one per row of the crop grid) and never scored or counted in the budget, as in the LLaVA-NeXT
-    ports of VisionZip and FasterVLM that prune the visual features and keep the layout tokens. ``extras["view"]``
-    tells methods which view a token belongs to (0: the base view, k: the k-th crop)."""
-
-    families = (
-        "Hugging Face LlavaNextForConditionalGeneration / LlavaNextModel (AnyRes: base view + crops, row-end "
-        "newline tokens), with generate() and its KV cache"
-    )
-    needs_projected = True
-
-    @classmethod
-    def detect(cls, model: nn.Module) -> HFLlavaNextAdapter | None:
-        for m in model.modules():
-            if isinstance(getattr(m, "image_newline", None), nn.Parameter) and hasattr(m, "vision_tower"):
-                found = HFLlavaAdapter.detect(m)
-                if found is not None:
-                    return cls(model, m)
-        return None
-
-    def token_map(self, rows: torch.Tensor, per: list[int], rt: Any) -> TokenMap:
-        proj = rt._projected
-        if proj is None:
-            raise TokenThinError("internal: the projector's output was not captured")
-        n_tok = proj.shape[1]
-        src = proj.reshape(-1, proj.shape[-1]).to(rows.dtype)
-        newline = (rows == self.root.image_newline.to(rows.dtype)).all(-1)
-        hs, order = torch.sort(_row_hash(src))
-        hr = _row_hash(rows)
-        at = torch.searchsorted(hs, hr).clamp(max=hs.numel() - 1)
-        flat = order[at]
-        found = (hs[at] == hr) & (src[flat] == rows).all(-1)
-        if not bool((found | newline).all()):
-            raise TokenThinError(
-                "cannot map LLaVA-NeXT's image tokens back to the vision tower's patches (were the image features "
-                "changed between the projector and the language model?)"
-            )
-        flat = torch.where(newline, torch.zeros_like(flat), flat)
-        crop = torch.where(newline, torch.full_like(flat, -1), flat // n_tok)
-        # a base view fills one contiguous run of n_tok tokens; a crop's tokens are interleaved with other crops'
-        pos = torch.arange(rows.shape[0], device=rows.device)
-        k = proj.shape[0]
-        lo = torch.full((k,), rows.shape[0], device=rows.device).scatter_reduce(
-            0, crop.clamp(min=0), torch.where(newline, rows.shape[0], pos), "amin"
-        )
-        hi = torch.full((k,), -1, device=rows.device).scatter_reduce(
-            0, crop.clamp(min=0), torch.where(newline, -1, pos), "amax"
-        )
-        base = (hi - lo + 1) == n_tok
-        base_of = torch.where(newline, -1, torch.where(base[crop.clamp(min=0)], crop, -1))
-        base_of = torch.cummax(base_of, 0).values
-        view = torch.where(newline, torch.zeros_like(crop), crop - base_of)
-        return TokenMap(flat=flat, newline=newline, view=view, grids=[(0, 0)] * len(per))
-
-
-@register
-class HFQwen2VLAdapter(VLMAdapter):
-    name = "hf_qwen2vl"
-    priority = 30
-    sites = frozenset({"output", "llm", "output+llm"})  # the fused, packed tower: no sites or signals inside it
-    signals = frozenset()
-    """Qwen2-VL / Qwen2.5-VL: a patch-merging vision tower (no [CLS]) and multimodal rotary positions (temporal,
-    height, width). Kept visual tokens keep their original 3-D positions at every site, so a shorter prompt is
-    *not* renumbered (the positions of the text after the image and of generated tokens stay as the model computed
-    them from the full prompt). The tower's attention is not captured (fused qkv, packed images): methods here
-    read the visual tokens themselves or the language model's attention."""
-
-    families = (
-        "Hugging Face Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration (and their *Model), "
-        "with generate() and its KV cache"
-    )
-    shift_positions = False
-
-    def __init__(self, top: nn.Module, root: nn.Module) -> None:
-        super().__init__(top, root, root.visual)
-        vcfg = self.config.vision_config
-        self.merge = int(getattr(vcfg, "spatial_merge_size", 2))
-        blocks = getattr(root.visual, "blocks", None)
-        self.vision_layers = len(blocks) if isinstance(blocks, nn.ModuleList) else 1
-        self.feature_layer = self.vision_layers - 1
-
-    @classmethod
-    def detect(cls, model: nn.Module) -> HFQwen2VLAdapter | None:
-        for m in model.modules():
-            if not all(isinstance(getattr(m, a, None), nn.Module) for a in ("visual", "language_model")):
-                continue
-            cfg = getattr(m, "config", None)
-            vcfg = getattr(cfg, "vision_config", None)
-            if vcfg is None or not hasattr(vcfg, "spatial_merge_size") or not hasattr(cfg, "image_token_id"):
-                continue
-            return cls(model, m)
-        return None
-
-    def layout(self, args: tuple, kwargs: dict[str, Any]) -> list[tuple[int, tuple[int, int]]]:
-        thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
-        if not isinstance(thw, torch.Tensor):
-            raise UnsupportedModelError("the Qwen2-VL vision tower was called without grid_thw")
-        out = []
-        for t, h, w in thw.tolist():
-            gh, gw = h // self.merge, w // self.merge
-            out.append((t * gh * gw, (gh, gw)))
-        return out

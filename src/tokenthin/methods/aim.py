@@ -91,11 +91,11 @@ class AIM(Method):
         return out
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
-        if inp.extras.get("site") == "output":
+        if inp.site == "output":
             return merge_rounds(inp, keep, inp.x)
         k = uniform_keep(keep, self.name)
         logits = inp.signals.lm_attention_logits(inp.layer)
         seq_valid = torch.isfinite(logits[:, 0].diagonal(dim1=-2, dim2=-1))  # a valid token sees itself
         imp = pagerank(logits, seq_valid, self.p["tau"], self.p["iters"])
-        score = imp.gather(1, inp.extras["vis_pos"])
+        score = imp.gather(1, inp.positions_in_prompt(self.name))
         return keep_indices(inp, topk_by_score(score, k, inp.candidates)), None

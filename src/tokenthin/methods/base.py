@@ -18,7 +18,7 @@ from. A method declares
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -59,7 +59,26 @@ class SignalSource:
 
 @dataclass
 class ReduceInput:
-    """Everything a method sees at one reduction point."""
+    """Everything a method sees at one reduction point.
+
+    The optional fields after ``calibrating`` are filled by the host where they exist; a method that needs one
+    checks it (``None``: the host has no such thing). On a vision-language host they come from the runtime's token
+    map (:class:`tokenthin.adapters.hf_vlm.TokenMap`), laid out like ``x``'s tokens where they are per token:
+
+    * ``site``: the vision-language stage, ``"output"`` (before the language model) or ``"llm"`` (inside it, after
+      language-model layer ``layer``); ``""`` on encoder hosts (their site is in ``layer``);
+    * ``view``: (B, N) long, the view each token belongs to: 0 the image (an AnyRes base view), k >= 1 its k-th
+      crop, -1 padding; at ``llm`` all 0;
+    * ``rows`` / ``cols``: (B, N) long, each token's row and column in its view's grid; the crops of an AnyRes image
+      share one grid, the image's unpadded high-resolution grid with the crops tiled (-1: not on a grid, padding);
+      None at ``llm`` and on encoder hosts (there ``grid`` says it all);
+    * ``prompt_pos``: (B, N) long, each token's position in the sequence the language model holds at this point
+      (the index into :meth:`SignalSource.lm_attention_logits`' last two axes);
+    * ``text`` / ``text_valid``: (B, L, D) and (B, L) bool, the prompt's text-token embeddings (every non-image
+      token of the sample's own prompt) as the language model reads them at this point;
+    * ``tower_slot``: (B, N) long, on a host whose vision tower reduced already (sites ``layers`` / ``layer:k`` of a
+      vision-language model): the tower slot each visual token belongs to (-1: dropped there).
+    """
 
     x: torch.Tensor  # (B, N, D) hidden states after encoder layer ``layer``
     size: torch.Tensor  # (B, N) how many original tokens each token stands for (0: padding)
@@ -71,8 +90,15 @@ class ReduceInput:
     pristine: bool  # True when no reduction happened before this point (tokens are protected + full grid)
     signals: SignalSource
     calibrating: bool = False
-    extras: dict[str, Any] = field(default_factory=dict)
     layout: Layout | None = None  # the host's typed layout of this call (grid or 1-D sequence, views, padding)
+    site: str = ""
+    view: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    cols: torch.Tensor | None = None
+    prompt_pos: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None
+    tower_slot: torch.Tensor | None = None
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.valid, self.num_protected)
@@ -96,6 +122,18 @@ class ReduceInput:
 
     def keys(self) -> torch.Tensor:
         return self.signals.keys(self.layer)
+
+    def prompt_text(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text, text_valid), refusing a host that gives no prompt."""
+        if self.text is None or self.text_valid is None:
+            raise TokenThinError(f"'{method}' reads the prompt's text tokens: it works on vision-language models only")
+        return self.text, self.text_valid
+
+    def positions_in_prompt(self, method: str) -> torch.Tensor:
+        """``prompt_pos``, refusing a host that gives none."""
+        if self.prompt_pos is None:
+            raise TokenThinError(f"'{method}' reads the language model's attention: it works at site 'llm:k' only")
+        return self.prompt_pos
 
     @property
     def has_cls(self) -> bool:

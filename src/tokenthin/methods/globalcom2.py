@@ -20,9 +20,9 @@ Choices left open, and ours:
   shared out so that exactly ``k`` tokens are kept (:func:`~tokenthin.methods.hired.apportion`: proportional to
   those counts, capped by each view's size, largest remainders; ties to the lower view). The released code floors
   every count (``int(N * scale)``) and keeps a little less than the budget;
-* where a crop lies: the runtime gives each token's view (``extras["view"]``) and its place in the prompt
-  (``extras["vis_pos"]``); a crop token's row in the image's unpadded grid is the number of row ends (gaps in
-  ``vis_pos``) before it, its column its place inside that row. The crop's thumbnail region (step 2) is the set of
+* where a crop lies: the host gives each token's view (``ReduceInput.view``) and, for a crop token, its row and
+  column in the image's unpadded grid (``ReduceInput.rows`` / ``cols``; on LLaVA-NeXT the number of row ends
+  before it since its image began, and its place inside that row). The crop's thumbnail region (step 2) is the set of
   thumbnail cells whose centres fall on that crop's tokens once the thumbnail is stretched over the unpadded grid.
   The released code splits the thumbnail into equal blocks of the *padded* crop grid; ours follows the unpadding,
   which is what the thumbnail shows (it is the whole image, unpadded);
@@ -59,22 +59,25 @@ def image_starts(view: torch.Tensor) -> torch.Tensor:
     return torch.where(view >= 0, start.long().cumsum(0) - 1, torch.full_like(view, -1))
 
 
-def crop_grid(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Row and column of each crop token (prompt order) in the image's unpadded grid, and the grid's (H, W).
-
-    A row ends where the prompt positions jump (the row-end token the runtime keeps sits in between)."""
-    jump = torch.cat([pos.new_zeros(1), (pos[1:] - pos[:-1] > 1).long()])
-    row = jump.cumsum(0)
-    h = int(row[-1]) + 1
-    lengths = torch.bincount(row, minlength=h)
-    w = int(lengths[0])
-    if not bool((lengths == w).all()):
+def crop_grid(
+    rows: torch.Tensor | None, cols: torch.Tensor | None, name: str
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Row and column of each crop token of one image in the image's unpadded grid (``ReduceInput.rows`` /
+    ``cols`` of those tokens, as the host lays them out), and the grid's (H, W), checked to be full rows."""
+    if rows is None or cols is None:
         raise TokenThinError(
-            "'globalcom2': the crops' tokens do not form full rows of one grid; the method needs LLaVA-NeXT's "
+            f"'{name}': the host gives no row and column of the AnyRes crops' tokens; the method needs LLaVA-NeXT's "
+            "AnyRes layout at site 'output'"
+        )
+    h = int(rows.max()) + 1
+    lengths = torch.bincount(rows.clamp(min=0), minlength=h)
+    w = int(lengths[0])
+    if not bool((rows >= 0).all() & (lengths == w).all() & (cols >= 0).all() & (cols < w).all()):
+        raise TokenThinError(
+            f"'{name}': the crops' tokens do not form full rows of one grid; the method needs LLaVA-NeXT's "
             "unreduced AnyRes layout (site 'output', nothing reduced before)"
         )
-    col = torch.arange(pos.numel(), device=pos.device) - (lengths.cumsum(0) - lengths)[row]
-    return row, col, h, w
+    return rows, cols, h, w
 
 
 @register
@@ -101,7 +104,9 @@ class GlobalCom2(Method):
         ),
     }
 
-    def _one(self, att: torch.Tensor, view: torch.Tensor, pos: torch.Tensor, ratio: float):
+    def _one(
+        self, att: torch.Tensor, view: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None, ratio: float
+    ):
         """One sample: (group (N,) with -1 for non-candidates, selection score (N,), per-group target counts)."""
         group = torch.full_like(view, -1)
         score = att.clone()
@@ -117,7 +122,9 @@ class GlobalCom2(Method):
             s = math.isqrt(thumb.numel())
             if s * s != thumb.numel():
                 raise TokenThinError(f"'globalcom2': a thumbnail of {thumb.numel()} tokens is not a square grid")
-            row, col, h, w = crop_grid(pos[crops])
+            row, col, h, w = crop_grid(
+                None if rows is None else rows[crops], None if cols is None else cols[crops], self.name
+            )
             a0 = att[thumb].view(s, s)
             glob = F.interpolate(a0[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0][row, col]
             cview = view[crops]
@@ -145,17 +152,25 @@ class GlobalCom2(Method):
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
         cand = inp.candidates
-        b, n = cand.shape
+        b = cand.shape[0]
         att = inp.cls_attention().float().nan_to_num(nan=0.0)
         if att.shape != cand.shape:
             raise TokenThinError("'globalcom2' needs the [CLS] attention of the unreduced tokens (site 'output')")
-        view = inp.extras.get("view")
+        view = inp.view
         view = torch.zeros_like(cand, dtype=torch.long) if view is None else view.long()
         view = view.masked_fill(~cand, -1)
-        pos = inp.extras.get("vis_pos")
-        pos = torch.arange(n, device=cand.device).expand(b, n) if pos is None else pos
+        rows, cols = inp.rows, inp.cols
         counts = cand.sum(1)
-        plans = [self._one(att[i], view[i], pos[i], k / max(int(counts[i]), 1)) for i in range(b)]
+        plans = [
+            self._one(
+                att[i],
+                view[i],
+                None if rows is None else rows[i],
+                None if cols is None else cols[i],
+                k / max(int(counts[i]), 1),
+            )
+            for i in range(b)
+        ]
         g = max(len(t) for _, _, t in plans) + 1  # the last group holds the non-candidates, with no budget
         weight = torch.zeros(b, g, dtype=torch.float64, device=cand.device)
         group = torch.stack([gr.masked_fill(gr < 0, g - 1) for gr, _, _ in plans])

@@ -21,11 +21,11 @@ fixed share ``alpha`` of the budget and the crops share the rest by the base ima
 region each crop covers. A plain LLaVA or ViT sees one image per sample, so here each sample's patch grid is cut
 into ``partitions x partitions`` sub-images (row and column bands of near-equal size; default 1: the whole image
 is one partition and HiRED is plain top-k by final-layer [CLS] attention, like FasterVLM); the parameter exists to
-exercise the budget distribution on single-image hosts. On LLaVA-NeXT (``extras["view"]`` holds crops) the
+exercise the budget distribution on single-image hosts. On LLaVA-NeXT (``ReduceInput.view`` holds crops) the
 partitions are the base view and its crops: the base view keeps ``round(base_share * k)`` tokens and the crops
 share the rest by the base view's early-layer [CLS] attention summed over the base cells whose centres fall inside
-the part of the image each crop covers (a crop's place comes from the row structure of the unpadded AnyRes grid,
-:func:`tokenthin.methods.globalcom2.crop_grid`). ``base_share=0.5`` is our default.
+the part of the image each crop covers (a crop's place is its tokens' rows and columns in the unpadded AnyRes
+grid, ``ReduceInput.rows`` / ``cols``, as the host lays them out). ``base_share=0.5`` is our default.
 
 Choices left open, and ours:
 * the content score is the sum of the early layer's [CLS] attention over the partition's tokens; the released
@@ -158,7 +158,7 @@ class HiRED(Method):
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
-        view = inp.extras.get("view")
+        view = inp.view
         if view is not None and bool((view > 0).any()):
             return self._anyres(inp, k, view)
         h, w = patch_grid(inp, self.name)
@@ -201,7 +201,8 @@ class HiRED(Method):
             if g * g != n_base:
                 raise TokenThinError(f"'hired': the base view's {n_base} tokens are not a square grid")
             e = content[b][base].double().clamp_min(0.0).view(g, g)
-            row, col, hh, ww = crop_grid(inp.extras["vis_pos"][b][crops])
+            rows = None if inp.rows is None else inp.rows[b][crops]
+            row, col, hh, ww = crop_grid(rows, None if inp.cols is None else inp.cols[b][crops], self.name)
             centre = (torch.arange(g, device=e.device, dtype=torch.float64) + 0.5) / g
             weight = torch.zeros(n_views, dtype=torch.float64, device=e.device)
             vc = v[crops]

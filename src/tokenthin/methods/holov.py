@@ -114,7 +114,7 @@ class HoloV(Method):
             raise TokenThinError("'holov' needs the [CLS] attention of the unreduced tokens (site 'output')")
         att = att.masked_fill(~cand, 0.0)
         if self.p["split"] == "views":
-            view = inp.extras.get("view")
+            view = inp.view
             view = torch.zeros_like(cand, dtype=torch.long) if view is None else view.long()
             part, g = view_partitions(view.masked_fill(~cand, -1))
         else:

@@ -13,7 +13,7 @@ tokens themselves; ``sim_R(j, i) = softmax_i(cos(r_j, x_i) / T_R) / |R|`` (see
 Choices left open, and ours:
 * the text embedding: the released code embeds the question with CLIP's text tower and compares it with the
   visual tokens in CLIP's projected space. Here both sides are what the language model reads: the prompt's
-  text-token input embeddings (``extras["text"]``: every non-image token of the sample's own prompt, system
+  text-token input embeddings (``ReduceInput.text``: every non-image token of the sample's own prompt, system
   prompt and template included) and the projected visual tokens, so no second model is needed;
 * on a plain vision encoder there is no prompt: the method refuses it and names ``coverage`` (the vision term
   alone);
@@ -68,7 +68,8 @@ class MMTok(Method):
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
         cand = inp.candidates
-        text = coverage_block(inp.extras["text"], inp.extras["text_valid"], inp.x, cand, self.p["text_temperature"])
+        words, words_valid = inp.prompt_text(self.name)
+        text = coverage_block(words, words_valid, inp.x, cand, self.p["text_temperature"])
         vision = coverage_block(inp.x, cand, inp.x, cand, self.p["vision_temperature"])
         cover = torch.cat([text, vision.mul_(self.p["alpha"])], dim=1)
         return keep_indices(inp, greedy_max_coverage(cover, k, cand)), None

@@ -14,7 +14,7 @@ Choices left open, and ours:
   attention, the rest recovered by text similarity (``visual_share=0.5`` by default);
 * text similarity: the paper compares the visual tokens with the CLIP text encoder's embedding of the question.
   Here both sides are what the language model reads: each visual token's best cosine similarity to any of the
-  prompt's text-token input embeddings (``extras["text"]``, the sample's own prompt);
+  prompt's text-token input embeddings (``ReduceInput.text``, the sample's own prompt);
 * merging: by cosine similarity of the same (projected) visual tokens; ties go to the lowest index;
 * encoders without [CLS]: ``score="mean"`` (attention received) instead of refusing.
 """
@@ -70,7 +70,7 @@ class Recoverable(Method):
         d = min(k, round(self.p["visual_share"] * k))
         kept = keep_indices(inp, topk_by_score(visual, d, cand))
         xn = normalize(inp.x)
-        text, text_valid = inp.extras["text"], inp.extras["text_valid"]
+        text, text_valid = inp.prompt_text(self.name)
         sim = per_sample_matmul(xn, normalize(text)).masked_fill(~text_valid.unsqueeze(1), float("-inf"))
         relevance = sim.max(-1).values  # (B, N) best cosine to any text token
         kept = kept | keep_indices(inp, topk_by_score(relevance, k - d, cand & ~kept))

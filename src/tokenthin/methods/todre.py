@@ -62,7 +62,7 @@ class ToDRE(Method):
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
-        if inp.extras.get("site") == "output":
+        if inp.site == "output":
             return keep_indices(inp, k_center_greedy(inp.x, k, inp.candidates)), None
         if k == 0:
             return torch.zeros_like(inp.valid), None
@@ -70,7 +70,7 @@ class ToDRE(Method):
         seq_valid = torch.isfinite(logits[:, 0].diagonal(dim1=-2, dim2=-1))  # a valid token sees itself
         att = torch.nan_to_num(logits.softmax(-1), nan=0.0).mean(1)  # (B, T, T); padded rows are 0
         del logits
-        vis_pos = inp.extras["vis_pos"]
+        vis_pos = inp.positions_in_prompt(self.name)
         t = att.shape[1]
         is_vis = torch.zeros(att.shape[0], t, dtype=torch.bool, device=att.device)
         is_vis.scatter_(1, vis_pos, inp.valid)

@@ -9,15 +9,18 @@ from typing import Any
 
 from torch import nn
 
-from . import budget as _budget
-from .budget import Request
-from .errors import BudgetError, SiteError, TokenThinError
-from .methods.base import Method
-from .runtime import Runtime
-from .vlm import CollapseSlots, VLMRuntime, VLMSchedule, parse_vlm_site
+from .. import budget as _budget
+from ..adapters.hf_vlm import VLMAdapter
+from ..budget import Request
+from ..errors import BudgetError, SiteError, TokenThinError
+from ..methods.base import Method
+from ..runtime import Runtime
+from .runtime import VLMRuntime
+from .schedule import VLMSchedule, parse_vlm_site
+from .tower import CollapseSlots
 
 
-def build(model: nn.Module, adapter: Any, cls: type[Method], m: Method, req: Request) -> VLMRuntime:
+def build(model: nn.Module, adapter: VLMAdapter, cls: type[Method], m: Method, req: Request) -> VLMRuntime:
     """The vision-language runtime for ``m`` on ``adapter``'s host (not attached)."""
     kw = dataclasses.asdict(req)
     site = kw["site"]
@@ -49,7 +52,7 @@ def build(model: nn.Module, adapter: Any, cls: type[Method], m: Method, req: Req
     return VLMRuntime(model, adapter, m, parse_vlm_site(kw["site"], keep, len(adapter.lm_layers), m))
 
 
-def _tower(model: nn.Module, adapter: Any, cls: type[Method], m: Method, kw: dict[str, Any]) -> VLMRuntime:
+def _tower(model: nn.Module, adapter: VLMAdapter, cls: type[Method], m: Method, kw: dict[str, Any]) -> VLMRuntime:
     """Sites inside a VLM's vision tower: the tower runs the encoder runtime (merging with proportional attention,
     or pruning), its features are scattered back over the full grid before the projector (so the host's placeholder
     count still matches) and collapsed again before the language model, one token per reduced slot."""
