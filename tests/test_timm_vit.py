@@ -16,7 +16,7 @@ METHODS = [
     for n, c in all_methods().items()
     if n != "dtome" and {"layers", "layer", "output", "input"} & set(c.sites) and not c.needs_prompt
 ]
-NO_CLS = {"avg", "map"}  # no class token (map-reg: a register leads; see the cls test below)
+NO_CLS = {"avg", "map", "map-reg"}  # no class token (map-reg: a register leads; see the cls test below)
 TOL = 1e-5
 
 
@@ -38,7 +38,7 @@ def reduced_budget(method: str) -> dict:
 
 
 def build(variant: str, method: str, **kw) -> torch.nn.Module:
-    if (variant in NO_CLS or variant == "map-reg") and needs_cls(method):
+    if variant in NO_CLS and needs_cls(method):
         pytest.skip("needs a class token")
     if all_methods()[method].kind == "input":
         kw.setdefault("dynamic_img_size", True)  # the input site feeds a smaller image
@@ -225,8 +225,9 @@ def test_fused_toggle_helper() -> None:
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if needs_cls(m) and m != "visionzip"])
-def test_cls_methods_refuse_models_without_class_token(method: str) -> None:
-    model = vit("avg")
+@pytest.mark.parametrize("variant", ["avg", "map-reg"])  # map-reg: a register is protected but is no [CLS]
+def test_cls_methods_refuse_models_without_class_token(method: str, variant: str) -> None:
+    model = vit(variant)
     tokenthin.apply(model, method, keep=0.5)
     with pytest.raises(tokenthin.TokenThinError, match="no \\[CLS\\] token"):
         run(model, images(2))

@@ -27,6 +27,8 @@ class Layout:
     * ``padding``: (B, protected + n) True where a token is real input (False: the caller's padding, e.g. text
       padding or audio silence); None when every token is real. Padding tokens are never kept as content.
     * ``views``: for a multi-view image (AnyRes), the views in token order; empty for a single view.
+    * ``cls``: the first protected token is a [CLS] token whose attention methods may read (False where the
+      protected tokens are registers only, e.g. a timm ViT without a class token).
     """
 
     protected: int
@@ -35,6 +37,7 @@ class Layout:
     frames: int = 1
     padding: torch.Tensor | None = None
     views: tuple[View, ...] = field(default_factory=tuple)
+    cls: bool = True
 
     @property
     def content(self) -> int:

@@ -141,7 +141,7 @@ class TimmViTAdapter(Adapter):
             grid = (math.ceil(h / self.patch[0]), math.ceil(w / self.patch[1]))
         else:
             grid = (h // self.patch[0], w // self.patch[1])
-        return Layout(protected=self.num_protected, grid=grid)
+        return Layout(protected=self.num_protected, grid=grid, cls=self.root.cls_token is not None)
 
     def images(self, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
         x = kwargs.get("x", args[0] if args else None)

@@ -139,7 +139,8 @@ class ReduceInput:
     def has_cls(self) -> bool:
         """A [CLS] token exists: among the protected tokens, or outside ``x`` (a VLM drops it from the visual
         tokens the language model reads but its attention is still available)."""
-        return self.num_protected >= 1 or bool(self.signals.has_cls)
+        own = self.num_protected >= 1 and (self.layout is None or self.layout.cls)
+        return own or bool(self.signals.has_cls)
 
     def cls_attention(self, layer: int | None = None) -> torch.Tensor:
         if not self.has_cls:

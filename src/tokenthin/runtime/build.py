@@ -24,6 +24,12 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
             f"method '{cls.name}' works inside a language model; {type(model).__name__} has none. Apply it to a "
             "vision-language model (e.g. LlavaForConditionalGeneration)"
         )
+    missing = cls.signals & {"keys", "cls_attn", "mean_attn"} - adapter.signals
+    if missing:
+        raise UnsupportedModelError(
+            f"method '{cls.name}' reads {', '.join(sorted(missing))}, which {adapter.family} cannot give (its "
+            f"signals: {', '.join(sorted(adapter.signals)) or 'none'}); see tokenthin.support() for what works here"
+        )
     sites = tuple(s for s in cls.sites if s in adapter.sites)
     if not sites:
         raise SiteError(
