@@ -139,10 +139,14 @@ def mean_pool(hidden: torch.Tensor, weights: torch.Tensor, normalize: bool = Tru
 def embed(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int = 64
 ) -> torch.Tensor:
-    """L2-normalised mean-pooled sentence embeddings (len(texts), C), float32, of an unreduced model.
+    """L2-normalised mean-pooled sentence embeddings (len(texts), C), float32.
 
-    Texts are run in batches of ``batch_size`` in the given order (no length sorting).
+    Texts are run in batches of ``batch_size`` in the given order (no length sorting). On a model tokenthin reduces,
+    each output token is weighted by the number of original tokens it stands for
+    (:func:`tokenthin.adapters.hf_text.pool_weights`), so the mean stays one over the sentence's tokens.
     """
+    from tokenthin.adapters.hf_text import pool_weights
+
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
@@ -150,7 +154,7 @@ def embed(
     for start in range(0, len(texts), batch_size):
         batch = {k: v.to(device) for k, v in tokenize(tokenizer, texts[start : start + batch_size]).items()}
         hidden = model(**batch).last_hidden_state
-        out.append(mean_pool(hidden, batch["attention_mask"]).cpu())
+        out.append(mean_pool(hidden, pool_weights(model, hidden, batch["attention_mask"])).cpu())
     if not out:
         return torch.zeros(0, model.config.hidden_size)
     return torch.cat(out)
