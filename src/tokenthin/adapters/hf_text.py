@@ -1,7 +1,7 @@
 """Hugging Face BERT-family text encoders: ``BertModel`` (BERT, MiniLM, bge), ``RobertaModel`` / ``XLMRobertaModel``
 and ``DistilBertModel``, also inside their task models (``*ForSequenceClassification``, ``*ForMaskedLM``, ...).
 
-Seams (transformers 4.57 and 5.x): the encoder runs ``hidden_states = layer(hidden_states, attention_mask, ...)``
+Seams (transformers 5.x; tested on 5.17 and 5.24): the encoder runs ``hidden_states = layer(hidden_states, attention_mask, ...)``
 with the mask positional, and every attention implementation (eager, SDPA) adds a float ``attention_mask`` to its
 logits. A forward pre-hook on each layer replaces the mask the model built from the caller's padding by tokenthin's
 additive key bias: the caller's padding (a large negative number) before the first reduction, then log token size
