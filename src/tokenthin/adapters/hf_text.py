@@ -1,8 +1,8 @@
 """Hugging Face BERT-family text encoders: ``BertModel`` (BERT, MiniLM, bge), ``RobertaModel`` / ``XLMRobertaModel``
 and ``DistilBertModel``, also inside their task models (``*ForSequenceClassification``, ``*ForMaskedLM``, ...).
 
-Seams (transformers 5.x; tested on 5.17 and 5.24): the encoder runs ``hidden_states = layer(hidden_states, attention_mask, ...)``
-with the mask positional, and every attention implementation (eager, SDPA) adds a float ``attention_mask`` to its
+Seams (transformers 5.x; tested on 5.17 and 5.24): the encoder runs
+``hidden_states = layer(hidden_states, attention_mask, ...)`` with the mask positional, and every attention implementation (eager, SDPA) adds a float ``attention_mask`` to its
 logits. A forward pre-hook on each layer replaces the mask the model built from the caller's padding by tokenthin's
 additive key bias: the caller's padding (a large negative number) before the first reduction, then log token size
 (proportional attention) and the padding of samples that keep different counts. Forward hooks on the query/key
@@ -16,6 +16,11 @@ The layout is a 1-D sequence (``Layout.sequence``: a grid of one row, so pooling
 tokens). The caller's ``attention_mask`` (B, N) is the layout's padding: padding tokens are never kept as content
 and never merged into real tokens, and ``keep`` fractions are of each sample's own real tokens. Padding must be on
 the right (the first token is the protected [CLS]); a 3-D/4-D custom mask is refused.
+
+Budgets: ``keep`` fractions are of each sample's own real tokens, and the first reduction of a padded batch is planned
+on each sample's real tokens alone (the runtime trims the padding per group), so a padded batch gives what each
+sample gives run alone. ``r`` and ``flops=`` are planned for the padded length: a short sample that cannot take an
+``r`` solved for the longest one is an error naming the input (use ``keep=``, or batch sentences of similar length).
 
 Protected tokens: [CLS] (``<s>`` for RoBERTa), the first token, only. [SEP] (``</s>``) sits at a different position in
 every padded sample, so it is content here: methods may merge or drop it like any word piece. The pooler (a dense
