@@ -1,12 +1,12 @@
 """Hugging Face BERT-family text encoders: ``BertModel`` (BERT, MiniLM, bge), ``RobertaModel`` / ``XLMRobertaModel``
 and ``DistilBertModel``, also inside their task models (``*ForSequenceClassification``, ``*ForMaskedLM``, ...).
 
-Seams (transformers 5.x; tested on 5.17 and 5.24): the encoder runs
-``hidden_states = layer(hidden_states, attention_mask, ...)`` with the mask positional, and every attention
-implementation (eager, SDPA) adds a float ``attention_mask`` to its logits. A forward pre-hook on each layer replaces the mask the model built from the caller's padding by tokenthin's
-additive key bias: the caller's padding (a large negative number) before the first reduction, then log token size
-(proportional attention) and the padding of samples that keep different counts. Forward hooks on the query/key
-projections (``attention.self.query/key``; DistilBERT ``attention.q_lin/k_lin``) capture what scores need. No
+Seams (transformers 5.x; tested on 5.17 and 5.24): the encoder runs ``hidden_states = layer(hidden_states,
+attention_mask, ...)`` with the mask positional, and every attention implementation (eager, SDPA) adds a float
+``attention_mask`` to its logits. A forward pre-hook on each layer replaces the mask the model built from the caller's
+padding by tokenthin's additive key bias: the caller's padding (a large negative number) before the first reduction,
+then log token size (proportional attention) and the padding of samples that keep different counts. Forward hooks on the
+query/key projections (``attention.self.query/key``; DistilBERT ``attention.q_lin/k_lin``) capture what scores need. No
 forward body is copied; embeddings (absolute positions) run before any reduction, so reducing tokens never moves a
 position.
 
