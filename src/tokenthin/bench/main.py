@@ -91,6 +91,7 @@ def run_bench(
     viz: bool,
     seed: int,
     formulas: int = 12,
+    sentences: int = 192,
 ) -> Path:
     known = all_methods()
     encoder_sites = {"layers", "layer", "output", "input"}  # these tasks run vision encoders (and an encoder-decoder)
@@ -102,13 +103,17 @@ def run_bench(
             raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
     chosen += [b for b in BASELINES if b not in chosen]
     task_list = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(","))
-    bad = [t for t in task_list if t not in (*TASKS, "ocr")]
+    bad = [t for t in task_list if t not in (*TASKS, "ocr", "text")]
     if bad:
-        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, all, or ocr")
+        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, all, ocr or text")
     if "ocr" in task_list:
         if len(task_list) > 1:
             raise typer.BadParameter("the ocr task runs on its own model (latex-ocr): give --task ocr alone")
         return _run_ocr(chosen, budgets, out, run or "latex-ocr", formulas, repeats, seed)
+    if "text" in task_list:
+        if len(task_list) > 1:
+            raise typer.BadParameter("the text task runs on its own model (all-MiniLM-L6-v2): give --task text alone")
+        return _run_text(chosen, budgets, out, run or "minilm", sentences, batch_size, repeats, seed)
     try:
         budget_list = tuple(float(b) for b in budgets.split(","))
     except ValueError as e:
@@ -190,4 +195,28 @@ def _run_ocr(methods: list[str], budgets: str, out: str, run: str, formulas: int
     (out_dir / "ocr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(table)
     typer.echo(f"wrote {out_dir / 'ocr.md'}, {out_dir / 'ocr.jsonl'}")
+    return out_dir
+
+
+def _run_text(
+    methods: list[str], budgets: str, out: str, run: str, sentences: int, batch_size: int, repeats: int, seed: int
+) -> Path:
+    """The text task: the real all-MiniLM-L6-v2 embeds WordNet sentences with a fraction of each sentence's tokens
+    kept after layer 1; ``--budgets`` are those keep fractions here (default 0.75, 0.5, 0.25)."""
+    from .text import format_text_table, run_text_bench
+
+    try:
+        keeps = tuple(float(b) for b in budgets.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"budgets must be comma-separated keep fractions, got '{budgets}'") from e
+    rows = run_text_bench(
+        methods, keeps=keeps, n_sentences=sentences, batch_size=batch_size, repeats=max(1, repeats), seed=seed
+    )
+    out_dir = Path(out) / run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_text_table(rows)
+    (out_dir / "text.md").write_text(table + "\n")
+    (out_dir / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    typer.echo(table)
+    typer.echo(f"wrote {out_dir / 'text.md'}, {out_dir / 'text.jsonl'}")
     return out_dir

@@ -59,7 +59,7 @@ def block_merge(rt: Runtime, st: CallState, i: int, x: torch.Tensor) -> torch.Te
     keep_n = st.schedule.keep_at(i, inp.counts, st.content, rt.method.dynamic)
     if bool((keep_n >= inp.counts).all()):
         return None
-    keep, target = rt._plan(inp, keep_n)
+    keep, target = rt._plan(inp, keep_n, trim=st.layout.padding is not None)
     keep = keep.clone()
     keep[:, :P] = True
     keep &= valid

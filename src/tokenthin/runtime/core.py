@@ -23,7 +23,7 @@ from ..errors import InputMismatchError
 from ..methods.base import Method, ReduceInput
 from ..ops import assign
 from .block import block_merge, block_unmerge
-from .state import CallState, TokenInfo, _cpu_threads, _Rows, _Signals, _sync
+from .state import CallState, TokenInfo, _cpu_threads, _Rows, _Signals, _sync, _trimmed
 
 Planner = Callable[[Layout], Schedule]
 
@@ -231,10 +231,15 @@ class Runtime:
             _sync(x.device)
             self.overhead_s += time.perf_counter() - t0
 
-    def _plan(self, inp: ReduceInput, keep_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _plan(
+        self, inp: ReduceInput, keep_n: torch.Tensor, trim: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The method's plan; where samples keep different counts (the caller's padding, a dynamic method before)
-        and the method needs one count per batch, it plans each group of equal counts apart."""
-        if self.method.dynamic or bool((keep_n == keep_n[0]).all() and (inp.counts == inp.counts[0]).all()):
+        and the method needs one count per batch, it plans each group of equal counts apart. ``trim``: nothing was
+        reduced yet and the caller padded; each group is then planned on its real tokens alone (:func:`_trimmed`),
+        so grid and sequence methods see what the sample run alone, unpadded, shows them."""
+        uniform = bool((keep_n == keep_n[0]).all() and (inp.counts == inp.counts[0]).all())
+        if self.method.dynamic or (uniform and not trim):
             return self.method.reduce(inp, keep_n)
         b, n = inp.valid.shape
         keep = torch.zeros(b, n, dtype=torch.bool, device=inp.x.device)
@@ -255,7 +260,11 @@ class Runtime:
                 calibrating=inp.calibrating,
                 layout=inp.layout,
             )
-            k, t = self.method.reduce(sub, keep_n[idx])
+            trimmed = _trimmed(sub) if trim else None
+            k, t = self.method.reduce(sub if trimmed is None else trimmed, keep_n[idx])
+            if k.shape[1] < n:  # planned on the real tokens: the padding is neither kept nor merged
+                k = torch.cat([k, k.new_zeros(k.shape[0], n - k.shape[1])], 1)
+                t = None if t is None else torch.cat([t, t.new_full((t.shape[0], n - t.shape[1]), -1)], 1)
             keep[idx] = k
             if t is not None:
                 if target is None:
@@ -283,7 +292,7 @@ class Runtime:
             layout=st.layout,
         )
         keep_n = st.schedule.keep_at(i, inp.counts, st.content, self.method.dynamic)
-        keep, target = self._plan(inp, keep_n)
+        keep, target = self._plan(inp, keep_n, trim=st.pristine and st.layout.padding is not None)
         keep = keep.clone()
         keep[:, :P] = True
         if st.valid is not None:

@@ -12,7 +12,7 @@ import torch
 from ..budget import Schedule
 from ..errors import TokenThinError
 from ..layout import Layout
-from ..methods.base import SignalSource
+from ..methods.base import ReduceInput, SignalSource
 from ..scores.attention import cls_attention, mean_attention
 
 if TYPE_CHECKING:
@@ -118,3 +118,48 @@ class _Rows(SignalSource):
 
     def mean_attention(self, layer: int) -> torch.Tensor:
         return self.base.mean_attention(layer)[self.idx]
+
+
+class _Cols(SignalSource):
+    """The signals of the first ``n`` tokens (a group's real tokens, the caller's padding cut off)."""
+
+    def __init__(self, base: SignalSource, n: int) -> None:
+        self.base, self.n = base, n
+        self.has_cls = base.has_cls
+
+    def keys(self, layer: int) -> torch.Tensor:
+        return self.base.keys(layer)[:, : self.n]
+
+    def cls_attention(self, layer: int) -> torch.Tensor:
+        return self.base.cls_attention(layer)[:, : self.n]
+
+    def mean_attention(self, layer: int) -> torch.Tensor:
+        return self.base.mean_attention(layer)[:, : self.n]
+
+
+def _trimmed(inp: ReduceInput) -> ReduceInput | None:
+    """``inp`` (a group whose samples have equal real-token counts) cut to its real tokens, as an unpadded, pristine
+    input, when they are the same leading prefix in every sample (right padding); a 1-D sequence layout gets the
+    grid (1, real content tokens). None where the padding is not such a suffix (the group is planned as it is).
+
+    Scores stay exact: attention over the padded batch already gives padding keys zero weight (the key bias), and
+    mean attention averages over valid queries only."""
+    P = inp.num_protected
+    m = P + int(inp.counts[0])
+    if not bool(inp.valid[:, :m].all()) or bool(inp.valid[:, m:].any()):
+        return None
+    lay = inp.layout
+    seq = lay is not None and lay.kind == "sequence"
+    return ReduceInput(
+        x=inp.x[:, :m],
+        size=inp.size[:, :m],
+        valid=inp.valid[:, :m],
+        num_protected=P,
+        layer=inp.layer,
+        num_layers=inp.num_layers,
+        grid=(1, m - P) if seq else inp.grid,
+        pristine=True,
+        signals=_Cols(inp.signals, m),
+        calibrating=inp.calibrating,
+        layout=Layout.sequence(P, m - P) if seq else lay,
+    )
