@@ -15,4 +15,4 @@ fi
 PYTHONPATH=src "$venv/bin/python" -m pytest -p no:cacheprovider tests/test_matrix.py tests/test_api.py \
   tests/test_flops.py tests/test_methods_merge_family.py tests/test_methods_cls_prune.py \
   tests/test_vlm.py tests/test_vlm_qwen.py tests/test_vlm_next.py tests/test_vlm_tower.py tests/test_methods_aim.py \
-  tests/test_methods_todre.py
+  tests/test_methods_todre.py tests/test_host_contract.py tests/test_block_site.py tests/test_adapters_hf_text.py

@@ -33,7 +33,18 @@ from torch import nn
 from ..flops import EncoderDims
 from ..layout import Layout, View
 
-__all__ = ["Adapter", "BiasFn", "BiasSource", "Handle", "Layout", "Sink", "View", "hidden_of", "pre_hook_bias"]
+__all__ = [
+    "Adapter",
+    "BiasFn",
+    "BiasSource",
+    "Handle",
+    "Layout",
+    "Sink",
+    "View",
+    "hidden_of",
+    "pre_hook_bias",
+    "touched_layers",
+]
 
 Handle = Any  # anything with .remove(): torch hook handles, or an adapter's own seam objects
 BiasFn = Callable[[], "torch.Tensor | None"]  # (B, N) additive key bias of the tokens now flowing, or None
@@ -203,3 +214,21 @@ def _combine_error(what: str) -> Exception:
     from ..errors import TokenThinError
 
     return TokenThinError(f"tokenthin cannot combine a caller-supplied {what} with merging")
+
+
+def touched_layers(
+    top: nn.Module,
+    root: nn.Module,
+    layers: list[nn.Module],
+    qk: Callable[[int], tuple[nn.Module, nn.Module]],
+    note: str,
+) -> list[str]:
+    """explain()'s touched modules of an encoder whose layers get ``note``'s hooks and whose q/k modules are
+    captured: the root (a call opens and closes there), each layer, each layer's query and key modules."""
+    names = {m: n for n, m in top.named_modules()}
+    out = [f"{names[root] or type(root).__name__} (pre/post hooks: open and close a call)"]
+    for i, layer in enumerate(layers):
+        q, k = qk(i)
+        out.append(f"{names[layer]} ({note})")
+        out.append(f"{names[q]}, {names[k]} (output capture where a method needs scores)")
+    return out

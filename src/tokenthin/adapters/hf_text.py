@@ -47,7 +47,7 @@ from torch import nn
 from ..errors import InputMismatchError
 from ..flops import EncoderDims
 from ..ops import assign
-from .contract import Adapter, BiasSource, Layout, Sink
+from .contract import Adapter, BiasSource, Layout, Sink, touched_layers
 from .registry import register
 
 __all__ = ["DEFAULT_LENGTH", "HFTextAdapter", "mean_pool", "pool_weights"]
@@ -204,13 +204,13 @@ class HFTextAdapter(Adapter):
         return {"layout": "sequence", "protected": "[CLS] (first token)", "default_length": DEFAULT_LENGTH}
 
     def touched(self) -> list[str]:
-        names = {m: n for n, m in self.top.named_modules()}
-        out = [f"{names[self.root] or type(self.root).__name__} (pre/post hooks: open and close a call)"]
-        for i, layer in enumerate(self.layers):
-            q, k = self.qk_modules(i)
-            out.append(f"{names[layer]} (mask pre-hook: key bias replaces the padding mask; output hook at reductions)")
-            out.append(f"{names[q]}, {names[k]} (output capture where a method needs scores)")
-        return out
+        return touched_layers(
+            self.top,
+            self.root,
+            self.layers,
+            self.qk_modules,
+            "mask pre-hook: key bias replaces the padding mask; output hook at reductions",
+        )
 
 
 def pool_weights(

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import InputMismatchError
 from ..flops import EncoderDims
 from ..ops import assign
-from .contract import Adapter, BiasSource, Layout, Sink, pre_hook_bias
+from .contract import Adapter, BiasSource, Layout, Sink, pre_hook_bias, touched_layers
 from .registry import register
 
 
@@ -225,13 +225,9 @@ class HFVisionAdapter(Adapter):
         return {"patch": self.patch, "image_size": self.image_size}
 
     def touched(self) -> list[str]:
-        names = {m: n for n, m in self.top.named_modules()}
-        out = [f"{names[self.root] or type(self.root).__name__} (pre/post hooks: open and close a call)"]
-        for i, layer in enumerate(self.layers):
-            q, k = self.qk_modules(i)
-            out.append(f"{names[layer]} (mask pre-hook; output hook at reduction points)")
-            out.append(f"{names[q]}, {names[k]} (output capture where a method needs scores)")
-        return out
+        return touched_layers(
+            self.top, self.root, self.layers, self.qk_modules, "mask pre-hook; output hook at reduction points"
+        )
 
 
 class _BiasedAttention:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import TokenThinError
-from ..methods.base import ReduceInput, SignalSource
+from ..methods.base import SignalSource
 from ..ops import assign
 from .state import CallState
 
@@ -40,33 +40,10 @@ class BlockSignals(SignalSource):
 def block_merge(rt: Runtime, st: CallState, i: int, x: torch.Tensor) -> torch.Tensor | None:
     """The reduced input of layer i (None when the budget keeps every token); state for :func:`block_unmerge`."""
     b, n, _ = x.shape
-    P = rt.adapter.num_protected
-    size = st.size if st.size is not None else torch.ones(b, n, dtype=torch.float32, device=x.device)
-    valid = st.valid if st.valid is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
-    inp = ReduceInput(
-        x=x,
-        size=size,
-        valid=valid,
-        num_protected=P,
-        layer=i,
-        num_layers=len(rt.adapter.layers),
-        grid=st.grid,
-        pristine=st.layout.padding is None,
-        signals=BlockSignals(x),
-        calibrating=rt.calibrating,
-        layout=st.layout,
-    )
-    keep_n = st.schedule.keep_at(i, inp.counts, st.content, rt.method.dynamic)
-    if bool((keep_n >= inp.counts).all()):
+    got = rt.assignment(st, i, x, BlockSignals(x), pristine=True)
+    if got is None:
         return None
-    keep, target = rt._plan(inp, keep_n, trim=st.layout.padding is not None)
-    keep = keep.clone()
-    keep[:, :P] = True
-    keep &= valid
-    if target is not None:
-        target = target.masked_fill(keep | ~valid, -1)
-        target[:, :P] = -1
-    plan = assign.build(keep, target)
+    plan, size = got
     xr, size_r = assign.merge(x, size, plan)
     source = assign.compose_source(torch.arange(n, device=x.device).expand(b, n), plan)
     valid_r = None if plan.uniform else torch.arange(plan.n_out, device=x.device) < plan.counts.unsqueeze(1)

@@ -20,7 +20,7 @@ from torch import nn
 from ..adapters.contract import Adapter, Layout
 from ..budget import Schedule, flops_fraction, tokens_per_layer
 from ..errors import InputMismatchError
-from ..methods.base import Method, ReduceInput
+from ..methods.base import Method, ReduceInput, SignalSource
 from ..ops import assign
 from .block import block_merge, block_unmerge
 from .state import CallState, TokenInfo, _cpu_threads, _Rows, _Signals, _sync, _trimmed
@@ -272,10 +272,13 @@ class Runtime:
                 target[idx] = t
         return keep, target
 
-    def _reduce(self, st: CallState, i: int, x: torch.Tensor) -> torch.Tensor:
-        a = self.adapter
+    def assignment(
+        self, st: CallState, i: int, x: torch.Tensor, signals: SignalSource, pristine: bool
+    ) -> tuple[assign.Assignment, torch.Tensor] | None:
+        """The method's plan at layer i as a sanitised assignment (protected tokens kept, padding neither kept nor
+        merged), with the current token sizes; None when the budget keeps every token."""
         b, n, _ = x.shape
-        P = a.num_protected
+        P = self.adapter.num_protected
         size = st.size if st.size is not None else torch.ones(b, n, dtype=torch.float32, device=x.device)
         valid = st.valid if st.valid is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
         inp = ReduceInput(
@@ -284,23 +287,30 @@ class Runtime:
             valid=valid,
             num_protected=P,
             layer=i,
-            num_layers=len(a.layers),
+            num_layers=len(self.adapter.layers),
             grid=st.grid,
-            pristine=st.pristine and st.layout.padding is None,
-            signals=_Signals(self, st),
+            pristine=pristine and st.layout.padding is None,
+            signals=signals,
             calibrating=self.calibrating,
             layout=st.layout,
         )
         keep_n = st.schedule.keep_at(i, inp.counts, st.content, self.method.dynamic)
-        keep, target = self._plan(inp, keep_n, trim=st.pristine and st.layout.padding is not None)
+        if st.schedule.site == "block" and bool((keep_n >= inp.counts).all()):
+            return None
+        keep, target = self._plan(inp, keep_n, trim=pristine and st.layout.padding is not None)
         keep = keep.clone()
         keep[:, :P] = True
-        if st.valid is not None:
-            keep &= valid
+        keep &= valid
         if target is not None:
-            target = target.masked_fill(keep if st.valid is None else keep | ~valid, -1)
+            target = target.masked_fill(keep | ~valid, -1)
             target[:, :P] = -1
-        plan = assign.build(keep, target)
+        return assign.build(keep, target), size
+
+    def _reduce(self, st: CallState, i: int, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        got = self.assignment(st, i, x, _Signals(self, st), st.pristine)
+        assert got is not None
+        plan, size = got
         x_new, size_new = assign.merge(x, size, plan)
         padded = not plan.uniform
         st.valid = (
