@@ -183,3 +183,15 @@ def test_support_table_matches_apply(host: str) -> None:
         if tokenthin.is_applied(model):
             tokenthin.remove(model)
     assert {h["name"] for h in tokenthin.hosts()} >= {"hf_vision", "hf_qwen2vl"}
+
+
+def test_every_registered_host_has_tests() -> None:
+    """Adding a host means adding its tests: each adapter class is named by some test file."""
+    tests = " ".join(
+        p.read_text()
+        for p in pathlib.Path(__file__).parent.glob("test_*.py")
+        if p.resolve() != pathlib.Path(__file__).resolve()
+    )
+    for a in all_adapters():
+        detected = f'"{a.__name__}"' in tests or a.__name__ in tests or f'"{a.name}"' in tests
+        assert detected, f"no test names the host {a.__name__} ({a.name}); add tests/test_<host>.py"

@@ -95,6 +95,7 @@ def test_token_map_matches_the_models_own_packing(model, inputs):
     rows = torch.cat(feats)
 
     adapter = tokenthin.api.find_adapter(model)
+    assert type(adapter).__name__ == "HFLlavaNextAdapter"
     layout = adapter.layout((), {"pixel_values": torch.zeros(sum(crops), 3, IMG, IMG)})
     tm = adapter.token_map(rows, [f.shape[0] for f in feats], layout, grabbed["p"])
     assert torch.equal(tm.newline, expect < 0)
