@@ -133,6 +133,7 @@ def test_vision_only_models_keep_their_adapter():
     from tiny import build
 
     assert not isinstance(find_adapter(build("vit")), HFEncoderDecoderAdapter)
+    assert type(find_adapter(build("vit"))).__name__ == "HFVisionAdapter"
 
 
 @pytest.mark.parametrize("name,kw", [("tome", {"r": 0}), ("divprune", {"keep": 1.0}), ("fastervlm", {"keep": 1.0})])
