@@ -67,7 +67,8 @@ def bench_cmd(
     task: str = typer.Option(
         "all",
         help="features | knn | saliency | cost | all (comma-separated allowed); or ocr: the real latex-ocr model "
-        "decoding rendered formulas with 75/50/25/10% of its visual tokens (its own run)",
+        "decoding rendered formulas with 75/50/25/10% of its visual tokens (its own run); or asr: Whisper tiny.en "
+        "transcribing the pocketsphinx clips with 75/50/25/10% of its audio tokens (its own run)",
     ),
     methods: str = typer.Option(
         "", help="comma-separated methods (default: every method); the baselines random, pool, downsample always run"
@@ -86,6 +87,7 @@ def bench_cmd(
     viz: bool = typer.Option(True, help="write viz_*.png token overlays"),
     seed: int = typer.Option(0, help="random seed"),
     formulas: int = typer.Option(12, help="ocr task: how many generated formulas to decode"),
+    site: str = typer.Option("output", help="asr task: where the audio tokens are reduced (output, layers, layer:k)"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
@@ -109,6 +111,7 @@ def bench_cmd(
         viz=viz,
         seed=seed,
         formulas=formulas,
+        site=site,
     )
 
 

@@ -18,8 +18,9 @@ layout's ``padding`` stays None (the model is exactly unchanged at zero budget) 
 :attr:`AudioLayout.speech` instead: (B, 1500) True for encoder frames that cover real audio, from the feature
 extractor's ``attention_mask`` when the caller passes it to the encoder (``return_attention_mask=True``; mel
 frame pairs 2j, 2j + 1 -> token j), else from the features themselves (the extractor pads with zeros, whose
-log-mel is the clamp floor, ``max - 8``, in all bins). Methods may read it to reduce silence first: on the same clips, merging
-the encoder output's silence in windows of 10 tokens (with the log-size key bias) kept all 10 transcripts.
+log-mel is the clamp floor, ``max - 8``, in all bins). Methods may read it to reduce silence first: on the same
+clips, merging the encoder output's silence in windows of 10 tokens (with the log-size key bias) kept all 10
+transcripts.
 
 Seams (transformers 5.x, checked on 5.24): ``WhisperEncoder`` runs ``hidden_states = layer(hidden_states, None,
 **kwargs)`` and ``WhisperEncoderLayer`` hands its ``attention_mask`` to ``WhisperAttention``, whose eager and SDPA
