@@ -38,12 +38,13 @@ def run_asr_bench(
     n_clips: int = 10,
     max_new_tokens: int = 64,
     repeats: int = 1,
+    baselines: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per (method, keep), after a ``none`` row for the unreduced model: ``wer`` (vs the references),
     ``wer_full`` and ``exact`` (vs the unreduced decode), ``generate_time_ratio`` and ``encode_time_ratio``
     (reduced/full, alternating runs), ``memory_ratio`` (peak of a whole decode), ``own_share`` (tokenthin's time in
-    it) and ``tokens`` (mean kept per clip). ``random`` and ``pool`` are always included. A method that cannot run
-    on this model gets a row with an ``"error"`` instead of numbers."""
+    it) and ``tokens`` (mean kept per clip). ``random`` and ``pool`` are included unless ``baselines=False``. A
+    method that cannot run on this model gets a row with an ``"error"`` instead of numbers."""
     from .. import api
     from ..errors import TokenThinError
     from ..models import whisper as wh
@@ -68,7 +69,7 @@ def run_asr_bench(
     rows: list[dict[str, Any]] = [
         {"method": "none", "keep": 1.0, "wer": wer(full, refs), "wer_full": 0.0, "exact": 1.0, "tokens": 1500.0}
     ]
-    names = list(dict.fromkeys([*methods, *BASELINES]))
+    names = list(dict.fromkeys([*methods, *BASELINES])) if baselines else list(methods)
     for name, keep in tqdm([(n, k) for n in names for k in keeps], desc="asr", unit="config"):
         row: dict[str, Any] = {"method": name, "keep": keep}
         try:
