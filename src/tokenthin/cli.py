@@ -89,7 +89,8 @@ def bench_cmd(
         "all",
         help="features | knn | saliency | cost | all (comma-separated allowed); or ocr: the real latex-ocr model "
         "decoding rendered formulas with 75/50/25/10% of its visual tokens (its own run); or text: the real "
-        "all-MiniLM-L6-v2 embedding WordNet sentences with 75/50/25% of their tokens (its own run)",
+        "all-MiniLM-L6-v2 embedding WordNet sentences with 75/50/25% of their tokens (its own run); or asr: Whisper "
+        "tiny.en transcribing the pocketsphinx clips with 75/50/25/10% of its audio tokens (its own run)",
     ),
     methods: str = typer.Option(
         "", help="comma-separated methods (default: every method); the baselines random, pool, downsample always run"
@@ -109,6 +110,7 @@ def bench_cmd(
     seed: int = typer.Option(0, help="random seed"),
     formulas: int = typer.Option(12, help="ocr task: how many generated formulas to decode"),
     sentences: int = typer.Option(192, help="text task: how many WordNet sentences to embed and time"),
+    site: str = typer.Option("output", help="asr task: where the audio tokens are reduced (output, layers, layer:k)"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
@@ -133,6 +135,7 @@ def bench_cmd(
         seed=seed,
         formulas=formulas,
         sentences=sentences,
+        site=site,
     )
 
 

@@ -96,7 +96,8 @@ def _cross_hook(runtime: BiasSource, module: nn.Module):
         if isinstance(kv, torch.Tensor) and kv.shape[-2] != n:
             raise TokenThinError(
                 f"the decoder reads {kv.shape[-2]} encoder tokens but the last encoder call produced {n}; "
-                "pass pixel_values (not precomputed encoder_outputs) while tokenthin is applied"
+                "pass the encoder's inputs (pixel_values, input_features; not precomputed encoder_outputs) while "
+                "tokenthin is applied"
             )
         if hs.shape[0] != b:
             if hs.shape[0] % b:

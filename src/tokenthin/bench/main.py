@@ -92,6 +92,7 @@ def run_bench(
     seed: int,
     formulas: int = 12,
     sentences: int = 192,
+    site: str = "output",
 ) -> Path:
     known = all_methods()
     encoder_sites = {"layers", "layer", "output", "input"}  # these tasks run vision encoders (and an encoder-decoder)
@@ -103,9 +104,13 @@ def run_bench(
             raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
     chosen += [b for b in BASELINES if b not in chosen]
     task_list = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(","))
-    bad = [t for t in task_list if t not in (*TASKS, "ocr", "text")]
+    bad = [t for t in task_list if t not in (*TASKS, "ocr", "text", "asr")]
     if bad:
-        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, all, ocr or text")
+        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, all, ocr, text or asr")
+    if "asr" in task_list:
+        if len(task_list) > 1:
+            raise typer.BadParameter("the asr task runs on its own model (Whisper tiny.en): give --task asr alone")
+        return _run_asr(chosen, budgets, out, run or "whisper-tiny-en", repeats, site)
     if "ocr" in task_list:
         if len(task_list) > 1:
             raise typer.BadParameter("the ocr task runs on its own model (latex-ocr): give --task ocr alone")
@@ -219,4 +224,21 @@ def _run_text(
     (out_dir / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(table)
     typer.echo(f"wrote {out_dir / 'text.md'}, {out_dir / 'text.jsonl'}")
+    return out_dir
+
+
+def _run_asr(methods: list[str], budgets: str, out: str, run: str, repeats: int, site: str) -> Path:
+    """The asr task: Whisper tiny.en transcribes the pocketsphinx clips with a fraction of its 1500 audio tokens;
+    ``--budgets`` are fractions of audio tokens kept here (default 0.75, 0.5, 0.25, 0.1), at ``--site``."""
+    from .asr import format_asr_table, run_asr_bench
+
+    keeps = (0.75, 0.5, 0.25, 0.1) if budgets == "0.75,0.5,0.25" else tuple(float(b) for b in budgets.split(","))
+    rows = run_asr_bench(methods, keeps=keeps, site=site, repeats=max(1, repeats))
+    out_dir = Path(out) / run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = format_asr_table(rows)
+    (out_dir / "asr.md").write_text(table + "\n")
+    (out_dir / "asr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    typer.echo(table)
+    typer.echo(f"wrote {out_dir / 'asr.md'}, {out_dir / 'asr.jsonl'}")
     return out_dir
