@@ -24,3 +24,18 @@ def test_readme_example_runs() -> None:
     ns = {"_model": model, "x": x}
     exec(compile(code, "README.md", "exec"), ns)
     assert ns["out"].last_hidden_state.shape[0] == 2
+
+
+def test_methods_x_hosts_table_matches_the_registries() -> None:
+    import tokenthin
+
+    text = README.read_text().split("### Methods x hosts", 1)[1]
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    hosts = ["hf_vision", "timm_vit", "hf_text", "hf_whisper", "hf_encoder_decoder", "hf_llava", "hf_llava_next"]
+    hosts.append("hf_qwen2vl")
+    assert {r.split("`")[1] for r in rows} == {m["name"] for m in tokenthin.methods()}
+    for r in rows:
+        name = r.split("`")[1]
+        cells = [c.strip() for c in r.strip("|").split("|")[1:]]
+        for host, c in zip(hosts, cells, strict=True):
+            assert (c == "yes") == (tokenthin.support(name, host) is None), (name, host, c)
