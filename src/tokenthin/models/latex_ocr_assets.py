@@ -46,7 +46,7 @@ def asset_path(name: str = CHECKPOINT) -> Path:
         PACKAGE,
         ("assets", name),
         LatexOcrMissingError,
-        f"the latex-ocr-junia file assets/{name}",
+        f"the latex-ocr-junia file assets/{name} is not installed",
         f"install it with `{PIP_HINT}` (its dependencies torch, numpy and pillow are tokenthin's own)",
     )
 

@@ -13,9 +13,12 @@ import torch
 from torch import nn
 
 
-def package_file(package: str, parts: Sequence[str], error: type[Exception], what: str, fix: str) -> Path:
+def package_file(
+    package: str, parts: Sequence[str], error: type[Exception], missing: str, fix: str, contains: Sequence[str] = ()
+) -> Path:
     """Path of ``<package>/<parts...>`` in the installed ``package``, located with ``importlib.util.find_spec``
-    (the package is never imported). Raises ``error("<what> is not installed (looked in ...); <fix>")``."""
+    (the package is never imported): a file, or with ``contains`` a folder holding every one of those files.
+    Raises ``error("<missing> (looked in ...); <fix>")``."""
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -23,10 +26,10 @@ def package_file(package: str, parts: Sequence[str], error: type[Exception], wha
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for location in locations:
         candidate = Path(location).joinpath(*parts)
-        if candidate.is_file():
+        if all((candidate / name).is_file() for name in contains) if contains else candidate.is_file():
             return candidate
     where = f" (looked in {', '.join(map(str, locations))})" if locations else ""
-    raise error(f"{what} is not installed{where}; {fix}")
+    raise error(f"{missing}{where}; {fix}")
 
 
 def load_converted(

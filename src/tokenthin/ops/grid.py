@@ -13,16 +13,27 @@ from tokenthin.errors import BudgetError
 __all__ = ["grid_pool_map", "grid_shape_for_keep"]
 
 
-def _check_positive_int(name: str, value: int) -> int:
+def _int_at_least_one(value: int, error: type[Exception], not_int: str, too_small: str) -> int:
+    """``value`` as an int >= 1, else ``error``: ``not_int`` for a non-integer (or a bool), ``too_small``
+    (formatted with ``value``) below 1."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}; pass the grid size in patches.")
+        raise error(not_int)
     try:
         value = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}; pass the grid size in patches.") from None
+        raise error(not_int) from None
     if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}; pass the grid size in patches.")
+        raise error(too_small.format(value=value))
     return value
+
+
+def _check_positive_int(name: str, value: int) -> int:
+    return _int_at_least_one(
+        value,
+        ValueError,
+        f"{name} must be an int >= 1, got {value!r}; pass the grid size in patches.",
+        f"{name} must be >= 1, got {{value}}; pass the grid size in patches.",
+    )
 
 
 def grid_pool_map(h: int, w: int, out_h: int, out_w: int, device=None) -> torch.Tensor:
@@ -59,14 +70,12 @@ def grid_shape_for_keep(h: int, w: int, k: int) -> tuple[int, int]:
     ``k < 1``.
     """
     h, w = _check_positive_int("h", h), _check_positive_int("w", w)
-    if isinstance(k, bool):
-        raise BudgetError(f"k must be an int >= 1, got {k!r}; pass the number of tokens to keep.")
-    try:
-        k = operator.index(k)
-    except TypeError:
-        raise BudgetError(f"k must be an int >= 1, got {k!r}; pass the number of tokens to keep.") from None
-    if k < 1:
-        raise BudgetError(f"k={k} leaves no pooled token; pass k >= 1.")
+    k = _int_at_least_one(
+        k,
+        BudgetError,
+        f"k must be an int >= 1, got {k!r}; pass the number of tokens to keep.",
+        "k={value} leaves no pooled token; pass k >= 1.",
+    )
     if k >= h * w:
         return h, w
     a_star = math.sqrt(k * h / w)
