@@ -22,11 +22,13 @@ from pathlib import Path
 import torch
 
 try:
-    from tokenthin.ops.select import coverage_greedy, k_center_greedy, max_min_diversity
+    from tokenthin.ops.coverage import coverage_greedy
+    from tokenthin.ops.diversity import k_center_greedy, max_min_diversity
     from tokenthin.ops.similarity import normalize
 except ImportError:  # running from a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from tokenthin.ops.select import coverage_greedy, k_center_greedy, max_min_diversity
+    from tokenthin.ops.coverage import coverage_greedy
+    from tokenthin.ops.diversity import k_center_greedy, max_min_diversity
     from tokenthin.ops.similarity import normalize
 
 

@@ -13,7 +13,7 @@ from tiny import build as build_vit
 from tiny_vlm import PROMPTS, TPI, batch, generate, llava, pixels
 from tokenthin.errors import TokenThinError
 from tokenthin.methods.base import ReduceInput, SignalSource, get
-from tokenthin.ops.select import apportion
+from tokenthin.ops.groups import apportion
 
 
 @pytest.fixture(autouse=True, scope="module")

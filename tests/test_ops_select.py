@@ -1,4 +1,4 @@
-"""Tests for tokenthin.ops.select: contracts, batching, loop references, explicit cases."""
+"""Tests for the selectors (ops.select, diversity, coverage, grid): contracts, batching, loop references, cases."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tokenthin.errors import BudgetError
-from tokenthin.ops.select import (
-    coverage_greedy,
-    greedy_max_coverage,
-    grid_pool_map,
-    grid_shape_for_keep,
-    k_center_greedy,
-    max_min_diversity,
-    random_subset,
-    topk_by_score,
-)
+from tokenthin.ops.coverage import coverage_greedy, greedy_max_coverage
+from tokenthin.ops.diversity import k_center_greedy, max_min_diversity
+from tokenthin.ops.grid import grid_pool_map, grid_shape_for_keep
+from tokenthin.ops.select import random_subset, topk_by_score
 from tokenthin.ops.similarity import normalize
 
 SETTINGS = settings(

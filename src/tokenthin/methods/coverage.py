@@ -5,7 +5,7 @@ Algorithm: choose the tokens that best cover a reference set under a facility-lo
 f(S) = sum_j max_{i in S} sim(j, i), maximised greedily (a (1 - 1/e) approximation since f is submodular).
 Here the references are the visual tokens themselves (MMTok's vision-vision term); the text term needs a prompt
 and lives with the language-model hosts. Similarity follows MMTok's code: cosine, divided by a temperature and
-softmax-normalised per reference (see :func:`tokenthin.ops.select.coverage_greedy`).
+softmax-normalised per reference (see :func:`tokenthin.ops.coverage.coverage_greedy`).
 
 Choices left open: features are the hidden states at the site; protected tokens are kept and are not references.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.select import coverage_greedy
+from ..ops.coverage import coverage_greedy
 from .base import Method, Param, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 

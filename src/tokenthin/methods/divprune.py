@@ -3,7 +3,7 @@ arXiv 2503.02175.
 
 Algorithm: treat pruning as a Max-Min Diversity Problem over the tokens' features: keep the subset whose smallest
 pairwise cosine distance is largest, solved greedily (start from the most isolated token, then repeatedly add the
-token farthest from everything kept; see :func:`tokenthin.ops.select.max_min_diversity`).
+token farthest from everything kept; see :func:`tokenthin.ops.diversity.max_min_diversity`).
 
 Choices left open: the features are the hidden states at the site (the paper uses the visual tokens the language
 model receives, i.e. the projector output; inside an encoder the closest equivalent is the layer output). Protected
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.select import max_min_diversity
+from ..ops.diversity import max_min_diversity
 from .base import Method, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 

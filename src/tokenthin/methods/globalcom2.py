@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TokenThinError
-from ..ops.select import apportion, rank_in_groups
+from ..ops.groups import apportion, rank_in_groups
 from .base import Method, Param, Plan, ReduceInput, register, uniform_keep
 
 

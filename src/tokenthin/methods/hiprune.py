@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ..errors import TokenThinError
-from ..ops.select import rank_in_groups
+from ..ops.groups import rank_in_groups
 from .base import Method, Param, Plan, ReduceInput, register, uniform_keep
 from .hired import attention_score, patch_grid, resolve_layer
 

@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from ..errors import TokenThinError
-from ..ops.select import apportion, rank_in_groups
+from ..ops.groups import apportion, rank_in_groups
 from .base import Method, Param, Plan, ReduceInput, positive_int, register, uniform_keep
 
 

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 
 from ..errors import TokenThinError
-from ..ops.select import apportion, per_sample_matmul, rank_in_groups
-from ..ops.similarity import normalize
+from ..ops.groups import apportion, rank_in_groups
+from ..ops.similarity import normalize, per_sample_matmul
 from .base import Method, Param, Plan, ReduceInput, positive_int, register, uniform_keep
 
 

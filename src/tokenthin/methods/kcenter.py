@@ -3,7 +3,7 @@ Task Relevance" (arXiv 2505.18757), its token-selection stage after the vision e
 
 Algorithm: farthest-first traversal (Gonzalez) on cosine distance: start from one token, then repeatedly add the
 token whose distance to its nearest selected token is largest. Compared with ``divprune`` only the start differs
-(see :func:`tokenthin.ops.select.k_center_greedy`).
+(see :func:`tokenthin.ops.diversity.k_center_greedy`).
 
 Choices left open: features are the hidden states at the site; the start token is the one nearest the mean of the
 candidates (our choice where the paper does not fix one); protected tokens are kept and not part of the objective.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.select import k_center_greedy
+from ..ops.diversity import k_center_greedy
 from .base import Method, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 

@@ -7,7 +7,7 @@ Algorithm: select the visual tokens ``S`` (``|S| = k``) that maximise a multimod
 greedily (each term is a facility-location function, so ``f`` is monotone submodular and greedy is within
 ``1 - 1/e`` of the optimum). ``f_text``'s references are the prompt's text tokens, ``f_vision``'s are the visual
 tokens themselves; ``sim_R(j, i) = softmax_i(cos(r_j, x_i) / T_R) / |R|`` (see
-:func:`tokenthin.ops.select.coverage_greedy`), with the official code's temperatures ``T_text = 0.02`` and
+:func:`tokenthin.ops.coverage.coverage_greedy`), with the official code's temperatures ``T_text = 0.02`` and
 ``T_vision = 0.2`` and ``alpha = 0.5`` (CCAAttking7/MMTok, ``mmtok/llava/llava_inject.py``).
 
 Choices left open, and ours:
@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from ..ops.select import MMTOK_TEXT_TEMPERATURE, MMTOK_VISION_TEMPERATURE, greedy_max_coverage, per_sample_matmul
-from ..ops.similarity import normalize
+from ..ops.coverage import MMTOK_TEXT_TEMPERATURE, MMTOK_VISION_TEMPERATURE, greedy_max_coverage
+from ..ops.similarity import normalize, per_sample_matmul
 from .base import Method, Param, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 

@@ -1,7 +1,7 @@
 """Baseline: average pooling of the patch grid to a smaller grid.
 
 Patches are grouped into the non-overlapping bins of an out_h x out_w grid that keeps the image's aspect ratio and
-has at most ``keep`` cells (:func:`tokenthin.ops.select.grid_shape_for_keep`); each bin becomes one token, the
+has at most ``keep`` cells (:func:`tokenthin.ops.grid.grid_shape_for_keep`); each bin becomes one token, the
 size-weighted mean of its patches, standing for all of them (so unmerge restores a piecewise-constant grid).
 Protected tokens pass through. Acts on the full grid only (before any other reduction).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SiteError
-from ..ops.select import grid_pool_map, grid_shape_for_keep
+from ..ops.grid import grid_pool_map, grid_shape_for_keep
 from .base import Method, Plan, ReduceInput, register, uniform_keep
 
 

