@@ -274,3 +274,19 @@ def test_preprocess_inputs_and_normalisation():
     assert imf.preprocess(grey[..., 0]).shape == (1, 3, 224, 224)  # greyscale is converted to RGB
     with pytest.raises(TypeError, match="uint8"):
         imf.preprocess(grey.astype(np.float32))
+
+
+@real
+def test_flops_budget_on_the_real_dinov2_needs_no_image_size(focus):
+    """The real DINOv2 is configured for 518 px; fed 224 px, flops=0.5 is planned for the 256 patches it sees."""
+    import tokenthin
+
+    model = focus["backbone"]
+    assert model.config.image_size == 518
+    with tokenthin.applied(model, "tome", flops=0.5), torch.no_grad():
+        out = model(pixel_values=focus["pixels"])
+        tokens = tokenthin.info(model).tokens_per_layer
+        plan = next(iter(tokenthin.runtime_of(model)._plans.values()))
+    assert tokens[0] == 257 and out.last_hidden_state.shape[1] == tokens[-1] < 257
+    dims = tokenthin.api.find_adapter(model).dims
+    assert abs(tokenthin.budget.flops_fraction(plan, dims, (16, 16)) - 0.5) < 0.05

