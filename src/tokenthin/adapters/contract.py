@@ -41,6 +41,7 @@ __all__ = [
     "Layout",
     "Sink",
     "View",
+    "capture_outputs",
     "hidden_of",
     "pre_hook_bias",
     "touched_layers",
@@ -214,6 +215,15 @@ def _combine_error(what: str) -> Exception:
     from ..errors import TokenThinError
 
     return TokenThinError(f"tokenthin cannot combine a caller-supplied {what} with merging")
+
+
+def capture_outputs(q: nn.Module, k: nn.Module, want_q: bool, sink: Sink) -> list[Handle]:
+    """Forward hooks handing the outputs of separate query / key projections, (B, N, heads * head_dim), to
+    ``sink`` (the query's only when ``want_q``)."""
+    hooks = [k.register_forward_hook(lambda _m, _a, out: sink("k", out))]
+    if want_q:
+        hooks.append(q.register_forward_hook(lambda _m, _a, out: sink("q", out)))
+    return hooks
 
 
 def touched_layers(

@@ -46,8 +46,8 @@ from torch import nn
 
 from ..errors import InputMismatchError
 from ..flops import EncoderDims
-from ..ops import assign
-from .contract import Adapter, BiasSource, Layout, Sink, touched_layers
+from .contract import Adapter, BiasSource, Layout, Sink, capture_outputs, touched_layers
+from .hf_vision import unmerge_hidden
 from .registry import register
 
 __all__ = ["DEFAULT_LENGTH", "HFTextAdapter", "mean_pool", "pool_weights"]
@@ -187,18 +187,11 @@ class HFTextAdapter(Adapter):
         return att.q_lin, att.k_lin
 
     def capture_qk(self, i: int, want_q: bool, sink: Sink) -> list[Any]:
-        qm, km = self.qk_modules(i)
-        hooks = [km.register_forward_hook(lambda _m, _a, out: sink("k", out))]
-        if want_q:
-            hooks.append(qm.register_forward_hook(lambda _m, _a, out: sink("q", out)))
-        return hooks
+        return capture_outputs(*self.qk_modules(i), want_q, sink)
 
     # ----- consumers -----
     def finish(self, out: Any, source: torch.Tensor | None, unmerge: bool) -> Any:
-        if unmerge and source is not None and hasattr(out, "last_hidden_state"):
-            out["last_hidden_state"] = assign.unmerge(out.last_hidden_state, source)
-            return out
-        return None
+        return unmerge_hidden(out, source, unmerge)
 
     def describe(self) -> dict[str, Any]:
         return {"layout": "sequence", "protected": "[CLS] (first token)", "default_length": DEFAULT_LENGTH}

@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import InputMismatchError
 from ..flops import EncoderDims
 from ..ops import assign
-from .contract import Adapter, BiasSource, Layout, Sink, pre_hook_bias, touched_layers
+from .contract import Adapter, BiasSource, Layout, Sink, capture_outputs, pre_hook_bias, touched_layers
 from .registry import register
 
 
@@ -187,11 +187,7 @@ class HFVisionAdapter(Adapter):
         return [_BiasedAttention(self.config, rt)]
 
     def capture_qk(self, i: int, want_q: bool, sink: Sink) -> list[Any]:
-        qm, km = self.qk_modules(i)
-        hooks = [km.register_forward_hook(lambda _m, _a, out: sink("k", out))]
-        if want_q:
-            hooks.append(qm.register_forward_hook(lambda _m, _a, out: sink("q", out)))
-        return hooks
+        return capture_outputs(*self.qk_modules(i), want_q, sink)
 
     # ----- consumers -----
     def consumer_hooks(self, rt: BiasSource) -> list[Any]:
@@ -216,10 +212,7 @@ class HFVisionAdapter(Adapter):
         return [mha.register_forward_pre_hook(add_bias, with_kwargs=True)]
 
     def finish(self, out: Any, source: torch.Tensor | None, unmerge: bool) -> Any:
-        if unmerge and source is not None and hasattr(out, "last_hidden_state"):
-            out["last_hidden_state"] = assign.unmerge(out.last_hidden_state, source)
-            return out
-        return None
+        return unmerge_hidden(out, source, unmerge)
 
     def describe(self) -> dict[str, Any]:
         return {"patch": self.patch, "image_size": self.image_size}
@@ -228,6 +221,15 @@ class HFVisionAdapter(Adapter):
         return touched_layers(
             self.top, self.root, self.layers, self.qk_modules, "mask pre-hook; output hook at reduction points"
         )
+
+
+def unmerge_hidden(out: Any, source: torch.Tensor | None, unmerge: bool) -> Any:
+    """A Hugging Face model output with ``last_hidden_state`` put back on every original token (``unmerge=True``);
+    None (keep the output) otherwise."""
+    if unmerge and source is not None and hasattr(out, "last_hidden_state"):
+        out["last_hidden_state"] = assign.unmerge(out.last_hidden_state, source)
+        return out
+    return None
 
 
 class _BiasedAttention:

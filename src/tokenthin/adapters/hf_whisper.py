@@ -41,9 +41,9 @@ from torch import nn
 from ..errors import InputMismatchError
 from ..flops import EncoderDims
 from ..layout import Layout
-from ..ops import assign
-from .contract import Adapter, BiasSource, Sink, pre_hook_bias
+from .contract import Adapter, BiasSource, Sink, capture_outputs, pre_hook_bias
 from .hf_encoder_decoder import _cross_hook
+from .hf_vision import unmerge_hidden
 from .registry import register
 
 _LOG_MEL_RANGE = 8.0  # WhisperFeatureExtractor clamps log10 mel energies to [max - 8, max]
@@ -156,10 +156,7 @@ class HFWhisperAdapter(Adapter):
 
     def capture_qk(self, i: int, want_q: bool, sink: Sink) -> list[Any]:
         att = self.layers[i].self_attn
-        hooks = [att.k_proj.register_forward_hook(lambda _m, _a, out: sink("k", out))]
-        if want_q:
-            hooks.append(att.q_proj.register_forward_hook(lambda _m, _a, out: sink("q", out)))
-        return hooks
+        return capture_outputs(att.q_proj, att.k_proj, want_q, sink)
 
     # ----- consumers -----
     def consumer_hooks(self, rt: BiasSource) -> list[Any]:
@@ -167,10 +164,7 @@ class HFWhisperAdapter(Adapter):
         return [m.register_forward_pre_hook(_cross_hook(rt, m), with_kwargs=True) for m in self.cross]
 
     def finish(self, out: Any, source: torch.Tensor | None, unmerge: bool) -> Any:
-        if unmerge and source is not None and hasattr(out, "last_hidden_state"):
-            out["last_hidden_state"] = assign.unmerge(out.last_hidden_state, source)
-            return out
-        return None
+        return unmerge_hidden(out, source, unmerge)
 
     def describe(self) -> dict[str, Any]:
         return {"audio_tokens": self.tokens, "mel_frames": self.frames, "seconds_per_token": 30.0 / self.tokens}

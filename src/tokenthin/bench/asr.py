@@ -11,7 +11,6 @@ tokenthin's own share of the reduced decode are measured once each.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,14 +20,9 @@ from tqdm import tqdm
 from .memory import peak_memory
 from .speech import clips as speech_clips
 from .speech import wer
+from .timing import alternate, set_reduced, timed
 
 BASELINES = ("random", "pool")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def run_asr_bench(
@@ -85,18 +79,13 @@ def run_asr_bench(
                 rows.append({**row, "error": str(exc).split(";")[0]})
                 continue
             kept = sum(rt.last.kept) / len(rt.last.kept) if rt.last is not None else float("nan")
-            t = {True: [0.0, 0.0], False: [0.0, 0.0]}  # reduced? -> [encode s, generate s]
-            for r in range(repeats):  # alternate: the runtime's hooks come off and go back on
-                for reduced in (r % 2 == 1, r % 2 == 0):
-                    _set(rt, reduced)
-                    t[reduced][0] += _timed(encode)
-                    t[reduced][1] += _timed(decode)
+            t = alternate(rt, repeats, (encode, decode))  # reduced? -> [encode s, generate s]
             mem, own = {}, 0.0
             for reduced in (False, True):
-                _set(rt, reduced)
+                set_reduced(rt, reduced)
                 rt.measure, rt.overhead_s = reduced, 0.0
                 with peak_memory(torch.device("cpu")) as m:
-                    t_dec = _timed(decode)
+                    t_dec = timed(decode)
                 mem[reduced] = m["mb"] or 0.0
                 if reduced:
                     own = rt.overhead_s / t_dec
@@ -117,13 +106,6 @@ def run_asr_bench(
             }
         )
     return rows
-
-
-def _set(rt: Any, reduced: bool) -> None:
-    if reduced and not rt.handles:
-        rt.attach()
-    elif not reduced and rt.handles:
-        rt.detach()
 
 
 def format_asr_table(rows: Sequence[dict[str, Any]]) -> str:

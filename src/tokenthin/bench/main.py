@@ -193,14 +193,7 @@ def _run_ocr(methods: list[str], budgets: str, out: str, run: str, formulas: int
 
     keeps = (0.75, 0.5, 0.25, 0.1) if budgets == "0.75,0.5,0.25" else tuple(float(b) for b in budgets.split(","))
     rows = run_ocr_bench(methods, keeps=keeps, n_formulas=formulas, repeats=max(1, repeats), seed=seed)
-    out_dir = Path(out) / run
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = format_ocr_table(rows)
-    (out_dir / "ocr.md").write_text(table + "\n")
-    (out_dir / "ocr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    typer.echo(table)
-    typer.echo(f"wrote {out_dir / 'ocr.md'}, {out_dir / 'ocr.jsonl'}")
-    return out_dir
+    return _write_task(Path(out) / run, "ocr", format_ocr_table(rows), rows)
 
 
 def _run_text(
@@ -217,14 +210,7 @@ def _run_text(
     rows = run_text_bench(
         methods, keeps=keeps, n_sentences=sentences, batch_size=batch_size, repeats=max(1, repeats), seed=seed
     )
-    out_dir = Path(out) / run
-    out_dir.mkdir(parents=True, exist_ok=True)
-    table = format_text_table(rows)
-    (out_dir / "text.md").write_text(table + "\n")
-    (out_dir / "text.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    typer.echo(table)
-    typer.echo(f"wrote {out_dir / 'text.md'}, {out_dir / 'text.jsonl'}")
-    return out_dir
+    return _write_task(Path(out) / run, "text", format_text_table(rows), rows)
 
 
 def _run_asr(methods: list[str], budgets: str, out: str, run: str, repeats: int, site: str) -> Path:
@@ -234,11 +220,14 @@ def _run_asr(methods: list[str], budgets: str, out: str, run: str, repeats: int,
 
     keeps = (0.75, 0.5, 0.25, 0.1) if budgets == "0.75,0.5,0.25" else tuple(float(b) for b in budgets.split(","))
     rows = run_asr_bench(methods, keeps=keeps, site=site, repeats=max(1, repeats))
-    out_dir = Path(out) / run
+    return _write_task(Path(out) / run, "asr", format_asr_table(rows), rows)
+
+
+def _write_task(out_dir: Path, task: str, table: str, rows: list[dict]) -> Path:
+    """A single-model task's results: ``<task>.md`` (the table, also printed) and ``<task>.jsonl`` (one row a line)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = format_asr_table(rows)
-    (out_dir / "asr.md").write_text(table + "\n")
-    (out_dir / "asr.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out_dir / f"{task}.md").write_text(table + "\n")
+    (out_dir / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(table)
-    typer.echo(f"wrote {out_dir / 'asr.md'}, {out_dir / 'asr.jsonl'}")
+    typer.echo(f"wrote {out_dir / f'{task}.md'}, {out_dir / f'{task}.jsonl'}")
     return out_dir

@@ -10,7 +10,6 @@ distance. Times are ratios reduced/full measured in the same run, alternating th
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .memory import peak_memory
+from .timing import alternate, set_reduced, timed
 
 BASELINES = ("random", "pool", "downsample")
 _GREEK = (r"\alpha", r"\beta", r"\gamma", r"\theta", r"\lambda", r"\mu", r"\pi", r"\sigma", r"\omega", r"\phi")
@@ -86,12 +86,6 @@ def normalised_edit(a: str, b: str) -> float:
     return levenshtein(a, b) / m if m else 0.0
 
 
-def _timed(fn) -> tuple[Any, float]:
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 def run_ocr_bench(
     methods: Sequence[str],
     keeps: Sequence[float] = (0.75, 0.5, 0.25, 0.1),
@@ -145,24 +139,13 @@ def run_ocr_bench(
                 rows.append({**row, "error": str(exc).split(";")[0]})
                 continue
             kept = sum(rt.last.kept) / len(rt.last.kept) if rt.last is not None else float("nan")
-            t = {True: [0.0, 0.0], False: [0.0, 0.0]}  # reduced? -> [encode s, decode s]
-            for r in range(repeats):  # alternate: the runtime's hooks come off and go back on
-                for reduced in (r % 2 == 1, r % 2 == 0):
-                    if reduced and not rt.handles:
-                        rt.attach()
-                    elif not reduced and rt.handles:
-                        rt.detach()
-                    t[reduced][0] += _timed(encode)[1]
-                    t[reduced][1] += _timed(decode)[1]
+            t = alternate(rt, repeats, (encode, decode))  # reduced? -> [encode s, decode s]
             mem = {}
             for reduced in (False, True):  # peak memory of a whole decode, and tokenthin's own time in it
-                if reduced and not rt.handles:
-                    rt.attach()
-                elif not reduced and rt.handles:
-                    rt.detach()
+                set_reduced(rt, reduced)
                 rt.measure, rt.overhead_s = reduced, 0.0
                 with peak_memory(torch.device("cpu")) as m:
-                    t_dec = _timed(decode)[1]
+                    t_dec = timed(decode)
                 mem[reduced] = m["mb"] or 0.0
                 own = rt.overhead_s / t_dec if reduced else 0.0
             rt.measure = False

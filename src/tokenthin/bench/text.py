@@ -20,20 +20,15 @@ Batches are padded (``batch_size`` sentences, in data order); a ``keep`` fractio
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from .timing import alternate
+
 BASELINES = ("random", "pool")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _top1(queries: torch.Tensor, corpus: torch.Tensor) -> torch.Tensor:
@@ -95,15 +90,8 @@ def run_text_bench(
             try:
                 emb, t_in, t_out = embed_counted(sentences)
                 top = _top1(embed(rs.queries), embed(rs.corpus))
-                t = {True: 0.0, False: 0.0}
                 rt.measure, rt.overhead_s = True, 0.0  # tokenthin's own time, over the reduced runs below
-                for r in range(repeats):  # alternate: the runtime's hooks come off and go back on
-                    for reduced in (r % 2 == 1, r % 2 == 0):
-                        if reduced and not rt.handles:
-                            rt.attach()
-                        elif not reduced and rt.handles:
-                            rt.detach()
-                        t[reduced] += _timed(lambda: embed(sentences))
+                t = {k: v[0] for k, v in alternate(rt, repeats, (lambda: embed(sentences),)).items()}
                 own = rt.overhead_s / max(t[True], 1e-9)
                 rt.measure = False
             finally:
