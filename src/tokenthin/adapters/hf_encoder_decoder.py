@@ -75,7 +75,7 @@ class HFEncoderDecoderAdapter(HFVisionAdapter):
     def consumer_hooks(self, rt: BiasSource) -> list[Any]:
         handles = list(super().consumer_hooks(rt))
         for module in self.cross:
-            handles.append(module.register_forward_pre_hook(_cross_hook(rt, module), with_kwargs=True))
+            handles.append(module.register_forward_pre_hook(cross_attention_hook(rt, module), with_kwargs=True))
         return handles
 
     def touched(self) -> list[str]:
@@ -83,7 +83,7 @@ class HFEncoderDecoderAdapter(HFVisionAdapter):
         return [*super().touched(), *(f"{names[m]} (cross-attention pre-hook: key bias)" for m in self.cross)]
 
 
-def _cross_hook(runtime: BiasSource, module: nn.Module):
+def cross_attention_hook(runtime: BiasSource, module: nn.Module):
     pos = _mask_position(module)
 
     def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:

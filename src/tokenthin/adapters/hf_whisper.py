@@ -42,7 +42,7 @@ from ..errors import InputMismatchError
 from ..flops import EncoderDims
 from ..layout import Layout
 from .contract import Adapter, BiasSource, Sink, capture_outputs, pre_hook_bias
-from .hf_encoder_decoder import _cross_hook
+from .hf_encoder_decoder import cross_attention_hook
 from .hf_vision import unmerge_hidden
 from .registry import register
 
@@ -161,7 +161,7 @@ class HFWhisperAdapter(Adapter):
     # ----- consumers -----
     def consumer_hooks(self, rt: BiasSource) -> list[Any]:
         """Every decoder layer's cross-attention gets the output tokens' key bias at every decoding step."""
-        return [m.register_forward_pre_hook(_cross_hook(rt, m), with_kwargs=True) for m in self.cross]
+        return [m.register_forward_pre_hook(cross_attention_hook(rt, m), with_kwargs=True) for m in self.cross]
 
     def finish(self, out: Any, source: torch.Tensor | None, unmerge: bool) -> Any:
         return unmerge_hidden(out, source, unmerge)
