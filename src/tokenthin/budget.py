@@ -68,9 +68,12 @@ class Schedule:
                     "smaller r, a decreasing schedule r=(r, -0.5), or flops= (solved for each input size)"
                 )
             return counts - r
-        if isinstance(n_patches, torch.Tensor):
-            k = torch.stack([torch.tensor(keep_count(self.keep, int(n))) for n in n_patches.tolist()])
-            k = torch.minimum(k.to(counts.device), counts) if isinstance(self.keep, float) else k.to(counts.device)
+        if isinstance(n_patches, torch.Tensor):  # keep_count per sample, batched (round half to even, as round())
+            n = n_patches.to(counts.device)
+            if isinstance(self.keep, float):
+                k = torch.minimum((n.double() * self.keep).round().long().clamp(min=1).minimum(n), counts)
+            else:
+                k = torch.full_like(counts, int(self.keep))  # type: ignore[arg-type]  # a count is a count
         else:
             k = torch.full_like(counts, keep_count(self.keep, n_patches))
         if bool((k > counts).any()):

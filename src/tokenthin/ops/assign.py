@@ -109,11 +109,18 @@ def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Ten
         )
         out_flat[hit] = (num / w_hit.unsqueeze(-1)).to(x.dtype)
         size_out.view(-1)[hit] = w_hit.to(size.dtype)
-    if not a.uniform:
-        pad = torch.arange(a.n_out, device=x.device).unsqueeze(0) >= a.counts.unsqueeze(1)
-        out = out.masked_fill(pad.unsqueeze(-1), 0)
-        size_out = size_out.masked_fill(pad, 0)
+    valid = slot_valid(a)
+    if valid is not None:
+        out = out.masked_fill(~valid.unsqueeze(-1), 0)
+        size_out = size_out.masked_fill(~valid, 0)
     return out, size_out
+
+
+def slot_valid(a: Assignment) -> torch.Tensor | None:
+    """(B, n_out) True for the slots a sample uses, False for its padding; None when every sample uses all."""
+    if a.uniform:
+        return None
+    return torch.arange(a.n_out, device=a.counts.device).unsqueeze(0) < a.counts.unsqueeze(1)
 
 
 def compose_source(source: torch.Tensor, a: Assignment) -> torch.Tensor:

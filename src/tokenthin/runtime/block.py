@@ -16,7 +16,7 @@ import torch
 from ..errors import TokenThinError
 from ..methods.base import SignalSource
 from ..ops import assign
-from .state import CallState
+from .state import CallState, key_bias
 
 if TYPE_CHECKING:
     from .core import Runtime
@@ -46,13 +46,10 @@ def block_merge(rt: Runtime, st: CallState, i: int, x: torch.Tensor) -> torch.Te
     plan, size = got
     xr, size_r = assign.merge(x, size, plan)
     source = assign.compose_source(torch.arange(n, device=x.device).expand(b, n), plan)
-    valid_r = None if plan.uniform else torch.arange(plan.n_out, device=x.device) < plan.counts.unsqueeze(1)
+    valid_r = assign.slot_valid(plan)
     st.block[i] = (x, xr, source, st.bias, st.valid)
-    if valid_r is not None or (plan.merges and rt.prop_attn):
-        logs = size_r.clamp_min(1e-6).log() if rt.prop_attn else torch.zeros_like(size_r)
-        st.bias = logs if valid_r is None else logs.masked_fill(~valid_r, torch.finfo(torch.float32).min / 2)
-    else:
-        st.bias = None
+    needed = valid_r is not None or (plan.merges and rt.prop_attn)
+    st.bias = key_bias(size_r, valid_r, rt.prop_attn) if needed else None
     st.valid = valid_r
     return xr
 

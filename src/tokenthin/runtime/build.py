@@ -35,10 +35,8 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
         raise SiteError(
             f"method '{cls.name}' acts at {', '.join(cls.sites)}; {adapter.family} offers {', '.join(adapter.sites)}"
         )
-    if req.image_size is not None:
-        hint = adapter.layout_for(req.image_size)
-        adapter.default_layout = hint
-    hint = adapter.default_layout
+    if req.image_size is not None:  # the size explain() and the checks below plan for
+        adapter.default_layout = adapter.layout_for(req.image_size)
 
     def planner(layout: Layout) -> Schedule:
         def input_patches(frac: float) -> int:
@@ -60,7 +58,7 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
             input_patches=input_patches if "input" in sites else None,
         )
 
-    schedule = planner(hint)
+    schedule = planner(adapter.default_layout)
     if schedule.site == "block" and cls.signals - {"keys"}:
         raise SiteError(
             f"method '{cls.name}' reads attention, which a block site cannot give (the block has not run when its "

@@ -23,7 +23,7 @@ from ..errors import InputMismatchError
 from ..methods.base import Method, ReduceInput, SignalSource
 from ..ops import assign
 from .block import block_merge, block_unmerge
-from .state import CallState, TokenInfo, _cpu_threads, _Rows, _Signals, _sync, _trimmed
+from .state import CallState, TokenInfo, _cpu_threads, _Signals, _Sub, _sync, _trimmed, key_bias
 
 Planner = Callable[[Layout], Schedule]
 
@@ -125,7 +125,7 @@ class Runtime:
             pad = layout.padding.to(device=x.device, dtype=torch.bool)
             st.valid = pad
             st.content = pad[:, layout.protected :].sum(1)
-            st.bias = torch.zeros(pad.shape, device=x.device).masked_fill(~pad, torch.finfo(torch.float32).min / 2)
+            st.bias = key_bias(torch.ones(pad.shape, device=x.device), pad, self.prop_attn)
         self._st = st
         if sched.site == "input":
             H, W = x.shape[-2], x.shape[-1]
@@ -175,15 +175,10 @@ class Runtime:
             if st is None or i not in st.schedule.points:
                 return None
             x = a.layer_output(out)
-            t0 = 0.0
-            if self.measure:
-                _sync(x.device)
-                t0 = time.perf_counter()
+            t0 = self._tic(x)
             with _cpu_threads(x.device, 1):
                 x_new = self._reduce(st, i, x)
-            if self.measure:
-                _sync(x.device)
-                self.overhead_s += time.perf_counter() - t0
+            self._toc(x, t0)
             return a.with_layer_output(out, x_new)
 
         return post
@@ -256,7 +251,7 @@ class Runtime:
                 num_layers=inp.num_layers,
                 grid=inp.grid,
                 pristine=inp.pristine,
-                signals=_Rows(inp.signals, idx),
+                signals=_Sub(inp.signals, rows=idx),
                 calibrating=inp.calibrating,
                 layout=inp.layout,
             )
@@ -312,23 +307,15 @@ class Runtime:
         assert got is not None
         plan, size = got
         x_new, size_new = assign.merge(x, size, plan)
-        padded = not plan.uniform
-        st.valid = (
-            torch.arange(plan.n_out, device=x.device).unsqueeze(0) < plan.counts.unsqueeze(1)
-            if padded
-            else None  # None: every token is valid
-        )
+        st.valid = assign.slot_valid(plan)  # None: every token is valid
         st.size = size_new
         st.n_cur = plan.n_out
         src = st.source if st.source is not None else torch.arange(n, device=x.device).expand(b, n)
         st.source = assign.compose_source(src, plan)
         st.pristine = False
         st.sized = st.sized or plan.merges  # some token stands for more than one (sizes stay > 1 once merged)
-        if padded or (st.sized and self.prop_attn):
-            logs = size_new.clamp_min(1e-6).log() if self.prop_attn else torch.zeros_like(size_new)
-            st.bias = logs if st.valid is None else logs.masked_fill(~st.valid, torch.finfo(torch.float32).min / 2)
-        else:
-            st.bias = None
+        needed = st.valid is not None or (st.sized and self.prop_attn)
+        st.bias = key_bias(size_new, st.valid, self.prop_attn) if needed else None
         for d in (st.q, st.k):  # signals of earlier layers are stale now
             for layer in [k for k in d if k <= i]:
                 del d[layer]

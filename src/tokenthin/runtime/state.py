@@ -103,38 +103,31 @@ class _Signals(SignalSource):
         return mean_attention(q, k, self.rt.adapter.num_heads, self.rt.adapter.scale, bias, self.st.valid)
 
 
-class _Rows(SignalSource):
-    """The signals of a sub-batch (rows ``idx`` of the call's batch)."""
+class _Sub(SignalSource):
+    """The signals of part of the call: batch rows ``rows`` (a sub-batch) and tokens ``cols`` (a group's real
+    tokens, the caller's padding cut off)."""
 
-    def __init__(self, base: SignalSource, idx: torch.Tensor) -> None:
-        self.base, self.idx = base, idx
+    def __init__(self, base: SignalSource, rows: torch.Tensor | slice = slice(None), cols: slice = slice(None)) -> None:
+        self.base, self.rows, self.cols = base, rows, cols
         self.has_cls = base.has_cls
 
     def keys(self, layer: int) -> torch.Tensor:
-        return self.base.keys(layer)[self.idx]
+        return self.base.keys(layer)[self.rows][:, self.cols]
 
     def cls_attention(self, layer: int) -> torch.Tensor:
-        return self.base.cls_attention(layer)[self.idx]
+        return self.base.cls_attention(layer)[self.rows][:, self.cols]
 
     def mean_attention(self, layer: int) -> torch.Tensor:
-        return self.base.mean_attention(layer)[self.idx]
+        return self.base.mean_attention(layer)[self.rows][:, self.cols]
 
 
-class _Cols(SignalSource):
-    """The signals of the first ``n`` tokens (a group's real tokens, the caller's padding cut off)."""
+NEG = torch.finfo(torch.float32).min / 2  # the key bias of a token no query may attend to
 
-    def __init__(self, base: SignalSource, n: int) -> None:
-        self.base, self.n = base, n
-        self.has_cls = base.has_cls
 
-    def keys(self, layer: int) -> torch.Tensor:
-        return self.base.keys(layer)[:, : self.n]
-
-    def cls_attention(self, layer: int) -> torch.Tensor:
-        return self.base.cls_attention(layer)[:, : self.n]
-
-    def mean_attention(self, layer: int) -> torch.Tensor:
-        return self.base.mean_attention(layer)[:, : self.n]
+def key_bias(size: torch.Tensor, valid: torch.Tensor | None, prop_attn: bool) -> torch.Tensor:
+    """(B, N) additive key bias: log token size (proportional attention; 0 without it), ``NEG`` on padding."""
+    logs = size.clamp_min(1e-6).log() if prop_attn else torch.zeros_like(size)
+    return logs if valid is None else logs.masked_fill(~valid, NEG)
 
 
 def _trimmed(inp: ReduceInput) -> ReduceInput | None:
@@ -159,7 +152,7 @@ def _trimmed(inp: ReduceInput) -> ReduceInput | None:
         num_layers=inp.num_layers,
         grid=(1, m - P) if seq else inp.grid,
         pristine=True,
-        signals=_Cols(inp.signals, m),
+        signals=_Sub(inp.signals, cols=slice(0, m)),
         calibrating=inp.calibrating,
         layout=Layout.sequence(P, m - P) if seq else lay,
     )
