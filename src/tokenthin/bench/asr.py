@@ -17,10 +17,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .memory import peak_memory
 from .speech import clips as speech_clips
 from .speech import wer
-from .timing import alternate, set_reduced, timed
+from .timing import alternate, memory_and_own
 
 BASELINES = ("random", "pool")
 
@@ -80,16 +79,7 @@ def run_asr_bench(
                 continue
             kept = sum(rt.last.kept) / len(rt.last.kept) if rt.last is not None else float("nan")
             t = alternate(rt, repeats, (encode, decode))  # reduced? -> [encode s, generate s]
-            mem, own = {}, 0.0
-            for reduced in (False, True):
-                set_reduced(rt, reduced)
-                rt.measure, rt.overhead_s = reduced, 0.0
-                with peak_memory(torch.device("cpu")) as m:
-                    t_dec = timed(decode)
-                mem[reduced] = m["mb"] or 0.0
-                if reduced:
-                    own = rt.overhead_s / t_dec
-            rt.measure = False
+            mem_ratio, own = memory_and_own(rt, decode)  # peak of a whole decode, own time in it
         finally:
             api.remove(model)
         rows.append(
@@ -100,7 +90,7 @@ def run_asr_bench(
                 "exact": sum(a == b for a, b in zip(out, full)) / len(full),
                 "generate_time_ratio": t[True][1] / t[False][1],
                 "encode_time_ratio": t[True][0] / t[False][0],
-                "memory_ratio": mem[True] / max(mem[False], 1e-9),
+                "memory_ratio": mem_ratio,
                 "own_share": own,
                 "tokens": kept,
             }

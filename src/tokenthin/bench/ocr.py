@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .memory import peak_memory
-from .timing import alternate, set_reduced, timed
+from .timing import alternate, memory_and_own
 
 BASELINES = ("random", "pool", "downsample")
 _GREEK = (r"\alpha", r"\beta", r"\gamma", r"\theta", r"\lambda", r"\mu", r"\pi", r"\sigma", r"\omega", r"\phi")
@@ -140,15 +139,7 @@ def run_ocr_bench(
                 continue
             kept = sum(rt.last.kept) / len(rt.last.kept) if rt.last is not None else float("nan")
             t = alternate(rt, repeats, (encode, decode))  # reduced? -> [encode s, decode s]
-            mem = {}
-            for reduced in (False, True):  # peak memory of a whole decode, and tokenthin's own time in it
-                set_reduced(rt, reduced)
-                rt.measure, rt.overhead_s = reduced, 0.0
-                with peak_memory(torch.device("cpu")) as m:
-                    t_dec = timed(decode)
-                mem[reduced] = m["mb"] or 0.0
-                own = rt.overhead_s / t_dec if reduced else 0.0
-            rt.measure = False
+            mem_ratio, own = memory_and_own(rt, decode)  # peak of a whole decode, own time in it
         finally:
             api.remove(model)
         rows.append(
@@ -158,7 +149,7 @@ def run_ocr_bench(
                 "edit": sum(normalised_edit(a, b) for a, b in zip(out, full)) / len(full),
                 "decode_time_ratio": t[True][1] / t[False][1],
                 "encode_time_ratio": t[True][0] / t[False][0],
-                "memory_ratio": mem[True] / max(mem[False], 1e-9),
+                "memory_ratio": mem_ratio,
                 "own_share": own,
                 "tokens": kept,
             }

@@ -62,3 +62,21 @@ def alternate(rt: Any, repeats: int, fns: Sequence[Callable[[], object]]) -> dic
                 t[reduced][j] += timed(fn)
     set_reduced(rt, True)
     return t
+
+
+def memory_and_own(rt: Any, fn: Callable[[], object]) -> tuple[float, float]:
+    """One call of ``fn`` unreduced, one reduced: (peak-memory ratio reduced / unreduced, tokenthin's own share of
+    the reduced call's time). Leaves the hooks on and measuring off."""
+    from .memory import peak_memory
+
+    mem, own = {}, 0.0
+    for reduced in (False, True):
+        set_reduced(rt, reduced)
+        rt.measure, rt.overhead_s = reduced, 0.0
+        with peak_memory(torch.device("cpu")) as m:
+            t = timed(fn)
+        mem[reduced] = m["mb"] or 0.0
+        if reduced:
+            own = rt.overhead_s / t
+    rt.measure = False
+    return mem[True] / max(mem[False], 1e-9), own
