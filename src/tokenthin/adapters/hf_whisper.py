@@ -10,7 +10,8 @@ only the decoder's cross-attention reads fewer tokens). Site ``input`` is not of
 features that are not exactly 3000 frames long.
 
 Silence (what was chosen, and why): most tokens of a short clip encode the zero padding. Marking them as the
-layout's ``padding`` would make the runtime mask them from the first layer on and never keep them; measured on
+layout's ``padding`` would make the runtime mask them from the first layer on and never keep them; measured once
+(a development run, not a kept benchmark) on
 Whisper tiny.en with the 10 pocketsphinx clips (:mod:`tokenthin.bench.speech`), masking every silence token in the
 encoder and the cross-attention takes the WER from 0.05 to 3.0 (the decoder repeats itself until its token limit):
 Whisper reads the end of speech from the silence. So the
