@@ -11,20 +11,28 @@ import torch
 from torch import nn
 
 from . import budget as _budget
+from .adapters.denoiser import denoiser_of
 from .adapters.registry import all_adapters, find_adapter
 from .errors import AlreadyAppliedError, InputMismatchError, NotAppliedError, TokenThinError
 from .methods.base import all_methods, get
 from .runtime import Runtime, TokenInfo
+from .denoise import build as _build_denoiser
 from .runtime import build as _build_encoder
 from .vlm.setup import build as _build_vlm
 
-_APPLIED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # Runtime | VLMRuntime
-# the runtime kinds an adapter can ask for (Adapter.kind); hosts are plug-ins, these two runtimes are the core
-_BUILD = {"encoder": _build_encoder, "vlm": _build_vlm}
+_APPLIED: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()  # Runtime | VLMRuntime | ...
+# the runtime kinds an adapter can ask for (Adapter.kind); hosts are plug-ins, these runtimes are the core
+_BUILD = {"encoder": _build_encoder, "vlm": _build_vlm, "denoiser": _build_denoiser}
+
+
+def _module(model: Any) -> nn.Module:
+    """The module tokenthin acts on: ``model`` itself, or the denoiser of a whole diffusion pipeline."""
+    inner = denoiser_of(model)
+    return model if inner is None else inner
 
 
 def apply(
-    model: nn.Module,
+    model: Any,
     method: str,
     *,
     r: int | list[int] | tuple[int, float] | None = None,
@@ -32,7 +40,7 @@ def apply(
     flops: float | None = None,
     site: str | None = None,
     unmerge: bool = False,
-    prop_attn: bool = True,
+    prop_attn: bool | None = None,
     calibration: torch.Tensor | None = None,
     image_size: int | tuple[int, int] | None = None,
     replace: bool = False,
@@ -47,9 +55,14 @@ def apply(
     the method's; vision-language hosts also ``"llm:k"``). ``unmerge=True`` returns a full per-patch
     ``last_hidden_state`` (dense tasks). ``calibration``: pixel values for methods that calibrate (``dtome``).
     ``image_size``: an optional hint, the input size ``explain()`` and apply-time checks plan for (default: the
-    model config's).
+    model config's). ``prop_attn``: proportional attention after merging (default: on for encoders, off for
+    denoisers, as tomesd).
+    Diffusion denoisers (a UNet, or a whole pipeline: its ``unet`` / ``transformer`` is reduced and the pipeline
+    returned) take ``ratio=`` (tomesd's parameter) or ``keep=`` (``1 - ratio``) at site ``"block"``.
     Other keyword arguments are the method's parameters.
     """
+    given = model
+    model = _module(model)
     if model in _APPLIED:
         if not replace:
             cur = _APPLIED[model]
@@ -81,7 +94,7 @@ def apply(
     except BaseException:
         remove(model)
         raise
-    return model
+    return given
 
 
 def _check_input(model: nn.Module, x: torch.Tensor) -> None:
@@ -102,9 +115,9 @@ def _run_calibration(model: nn.Module, rt: Any, pixel_values: torch.Tensor) -> N
         rt.calibrating = False
 
 
-def remove(model: nn.Module) -> nn.Module:
+def remove(model: Any) -> Any:
     """Remove tokenthin from ``model``; its outputs are exactly those of the untouched model again."""
-    rt = _APPLIED.pop(model, None)
+    rt = _APPLIED.pop(_module(model), None)
     if rt is None:
         raise NotAppliedError("tokenthin is not applied to this model; nothing to remove")
     rt.detach()
@@ -112,32 +125,33 @@ def remove(model: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def applied(model: nn.Module, method: str, **kwargs: Any) -> Iterator[nn.Module]:
+def applied(model: Any, method: str, **kwargs: Any) -> Iterator[Any]:
     """``with tokenthin.applied(model, "tome", r=8): ...`` applies on entry and removes on exit."""
     apply(model, method, **kwargs)
     try:
         yield model
     finally:
-        if model in _APPLIED:
+        if is_applied(model):
             remove(model)
 
 
-def is_applied(model: nn.Module) -> bool:
-    return model in _APPLIED
+def is_applied(model: Any) -> bool:
+    return _module(model) in _APPLIED
 
 
-def runtime_of(model: nn.Module) -> Runtime:
+def runtime_of(model: Any) -> Runtime:
     """The applied :class:`~tokenthin.runtime.Runtime` (advanced: its ``method``, ``schedule``, ``detach()`` /
     ``attach()`` to time the unreduced model in place, ``measure``/``overhead_s`` for tokenthin's own time)."""
-    rt = _APPLIED.get(model)
+    rt = _APPLIED.get(_module(model))
     if rt is None:
         raise NotAppliedError("tokenthin is not applied to this model")
     return rt
 
 
-def info(model: nn.Module) -> TokenInfo:
-    """What the last forward call did: token counts per layer, sizes, padding mask and source map."""
-    rt = _APPLIED.get(model)
+def info(model: Any) -> TokenInfo:
+    """What the last forward call did: token counts per layer, sizes, padding mask and source map (a denoiser's:
+    :class:`tokenthin.denoise.DenoiseInfo`, per block)."""
+    rt = _APPLIED.get(_module(model))
     if rt is None:
         raise NotAppliedError("tokenthin is not applied to this model")
     if rt.last is None:
@@ -185,6 +199,8 @@ def support(method: str, host: str) -> str | None:
     a = {h.name: h for h in all_adapters()}.get(host)
     if a is None:
         raise TokenThinError(f"unknown host '{host}'; hosts: {', '.join(h.name for h in all_adapters())}")
+    if cls.runtimes and a.kind not in cls.runtimes:
+        return "/".join(sorted(cls.runtimes)) + "s only"
     if cls.needs_prompt and a.kind != "vlm":
         return "reads a prompt"
     common = set(cls.sites) & set(a.sites)
@@ -198,10 +214,11 @@ def support(method: str, host: str) -> str | None:
     return None
 
 
-def explain(model: nn.Module) -> dict[str, Any]:
+def explain(model: Any) -> dict[str, Any]:
     """Which modules would be touched, which sites exist and, if applied, the plan and its analytic FLOPs. One shape
     for every host: ``adapter``, ``family``, ``layers``, ``protected_tokens``, ``tokens`` (of the default input;
     None where the host has none), ``sites``, ``touched_modules``, ``host`` (per-host details) and ``applied``."""
+    model = _module(model)
     rt = _APPLIED.get(model)
     a = rt.adapter if rt is not None else find_adapter(model)
     lay = getattr(a, "default_layout", None)

@@ -329,5 +329,5 @@ class Request:
     flops: float | None = None
     site: str | None = None
     unmerge: bool = False
-    prop_attn: bool = True
+    prop_attn: bool | None = None  # None: the runtime's default (encoders: on; denoisers: off)
     image_size: int | tuple[int, int] | None = None

@@ -17,7 +17,7 @@ from .contract import Adapter
 
 _REGISTRY: dict[str, type[Adapter]] = {}
 _loaded = False
-_INFRA = {"contract", "registry"}
+_INFRA = {"contract", "denoiser", "registry"}
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:

@@ -78,6 +78,8 @@ class ReduceInput:
       token of the sample's own prompt) as the language model reads them at this point;
     * ``tower_slot``: (B, N) long, on a host whose vision tower reduced already (sites ``layers`` / ``layer:k`` of a
       vision-language model): the tower slot each visual token belongs to (-1: dropped there).
+    * ``step``: (B,) float64 on CPU, on a denoiser: each sample's timestep value in this call (methods seed their
+      randomness from it, so that a sample's plan does not depend on the batch it is in).
     """
 
     x: torch.Tensor  # (B, N, D) hidden states after encoder layer ``layer``
@@ -99,6 +101,7 @@ class ReduceInput:
     text: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None
     tower_slot: torch.Tensor | None = None
+    step: torch.Tensor | None = None
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.valid, self.num_protected)
@@ -171,6 +174,9 @@ class Method:
     params: ClassVar[dict[str, Param]] = {}
     dynamic: ClassVar[bool] = False  # True: samples keep different counts (the runtime pads and masks)
     needs_prompt: ClassVar[bool] = False  # True: reads the prompt's text tokens (vision-language hosts only)
+    # the runtime kinds (Adapter.kind: "encoder", "vlm", "denoiser") the method is made for; empty: any host that
+    # offers one of its sites
+    runtimes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))

@@ -14,6 +14,10 @@ from .core import Runtime
 
 def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req: Request) -> Runtime:
     """The encoder runtime for ``m`` on ``adapter``'s host, planned per input (not attached)."""
+    if cls.runtimes and adapter.kind not in cls.runtimes:
+        raise UnsupportedModelError(
+            f"method '{cls.name}' is made for {'/'.join(sorted(cls.runtimes))}s, not {type(model).__name__}"
+        )
     if cls.needs_prompt:
         raise UnsupportedModelError(
             f"method '{cls.name}' reads the prompt's text tokens; {type(model).__name__} has no prompt. Apply it to a "
@@ -64,4 +68,4 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
             f"method '{cls.name}' reads attention, which a block site cannot give (the block has not run when its "
             "tokens are merged); use site='layer:k', or a method that matches on the tokens (tome, random, pool)"
         )
-    return Runtime(model, adapter, m, schedule, planner=planner, unmerge=req.unmerge, prop_attn=req.prop_attn)
+    return Runtime(model, adapter, m, schedule, planner=planner, unmerge=req.unmerge, prop_attn=req.prop_attn is not False)

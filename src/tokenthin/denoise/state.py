@@ -1,0 +1,75 @@
+"""Per-call and per-block state of the denoiser runtime, its options and the summary of the last call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.assign import Assignment
+
+
+@dataclass(frozen=True)
+class BlockOptions:
+    """What a denoiser application does, resolved from the method's parameters and the budget.
+
+    * ``ratio``: fraction of a chosen block's tokens merged away (tomesd's ``ratio``; ``keep=f`` is ``1 - f``);
+      each block call merges ``int(N * ratio)`` of its N tokens, so every latent size works with no size hint;
+    * ``max_downsample``: blocks whose level satisfies ``2 ** level <= max_downsample`` are chosen (tomesd);
+    * ``blocks``: the chosen block indices (into ``adapter.blocks``); ``site="block:k"`` chooses one;
+    * ``parts``: the roles computed on merged tokens in every chosen block (``attn``, ``cross``, ``mlp``).
+    """
+
+    ratio: float
+    max_downsample: int
+    blocks: tuple[int, ...]
+    parts: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (
+            f"site=block ratio={self.ratio} max_downsample={self.max_downsample} parts={','.join(self.parts)} "
+            f"blocks={len(self.blocks)}"
+        )
+
+
+@dataclass
+class BlockMerge:
+    """One block call's merge: planned from the block's input, used by every chosen part, dropped at its end."""
+
+    a: Assignment
+    source: torch.Tensor  # (B, N) each token -> its slot
+    n: int  # tokens entering the block
+    ones: torch.Tensor  # (B, N) float32 token sizes (block-local: every token stands for itself)
+    memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # role -> (input, merged)
+    done: set[str] = field(default_factory=set)  # roles whose output was unmerged
+
+
+@dataclass
+class DenoiseCall:
+    """The state of one denoiser call (opened by the root's pre-hook, closed by its post-hook)."""
+
+    latent: tuple[int, int]
+    batch: int
+    step: torch.Tensor  # (B,) float64 timestep values
+    active: dict[int, BlockMerge] = field(default_factory=dict)
+    blocks: list[int] = field(default_factory=list)
+    grids: list[tuple[int, int]] = field(default_factory=list)
+    tokens_in: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass
+class DenoiseInfo:
+    """What the last denoiser call did, per chosen block call in the order they ran."""
+
+    latent: tuple[int, int]  # the latent's (H, W)
+    blocks: list[int]  # block index (into the adapter's blocks) of each entry
+    grids: list[tuple[int, int]]  # the token grid each block saw
+    tokens_in: list[int]  # tokens entering each block
+    tokens_per_layer: list[int]  # tokens the chosen parts of each block computed on (largest sample)
+    parts: tuple[str, ...]  # the roles computed on merged tokens
+
+    @property
+    def merged(self) -> list[int]:
+        """Tokens merged away in each block."""
+        return [a - b for a, b in zip(self.tokens_in, self.tokens_per_layer, strict=True)]
