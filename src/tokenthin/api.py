@@ -13,10 +13,10 @@ from torch import nn
 from . import budget as _budget
 from .adapters.denoiser import denoiser_of
 from .adapters.registry import all_adapters, find_adapter
+from .denoise import build as _build_denoiser
 from .errors import AlreadyAppliedError, InputMismatchError, NotAppliedError, TokenThinError
 from .methods.base import all_methods, get
 from .runtime import Runtime, TokenInfo
-from .denoise import build as _build_denoiser
 from .runtime import build as _build_encoder
 from .vlm.setup import build as _build_vlm
 

@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import InputMismatchError
 from .contract import Adapter
 
-__all__ = ["CallGrid", "DenoiserAdapter", "DenoiserBlock", "PART_ROLES", "Part", "denoiser_of"]
+__all__ = ["PART_ROLES", "CallGrid", "DenoiserAdapter", "DenoiserBlock", "Part", "denoiser_of"]
 
 PART_ROLES = ("attn", "cross", "mlp")  # the roles a block's parts may have, in the order they run
 
@@ -177,4 +177,3 @@ def denoiser_of(obj: object) -> nn.Module | None:
         if isinstance(m, nn.Module):
             return m
     return None
-

@@ -68,4 +68,6 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
             f"method '{cls.name}' reads attention, which a block site cannot give (the block has not run when its "
             "tokens are merged); use site='layer:k', or a method that matches on the tokens (tome, random, pool)"
         )
-    return Runtime(model, adapter, m, schedule, planner=planner, unmerge=req.unmerge, prop_attn=req.prop_attn is not False)
+    return Runtime(
+        model, adapter, m, schedule, planner=planner, unmerge=req.unmerge, prop_attn=req.prop_attn is not False
+    )
