@@ -102,7 +102,8 @@ def _budget(name: str, site: str) -> dict:
 def _cases() -> list[tuple[str, str]]:
     out = []
     for m in tokenthin.methods():
-        if all_methods()[m["name"]].needs_prompt:  # reads a prompt: vision-language hosts only
+        cls = all_methods()[m["name"]]
+        if cls.needs_prompt or (cls.runtimes and "encoder" not in cls.runtimes):  # prompt readers: VLMs; tomesd
             continue
         for site in m["sites"]:
             if site.startswith("llm") or site == "output+llm":  # inside a language model: tests/test_vlm*.py
