@@ -228,7 +228,7 @@ def _group_norms(graph, inits: dict, consumers: dict, used: set[str]) -> dict[st
         if back.op_type != "Reshape" or mul.op_type != "Mul" or add.op_type != "Add" or len(gamma) + len(beta) != 2:
             raise TerrainConversionError(f"{node.name}: the GroupNorm affine Mul/Add is not where expected")
         from_scope = _scope(add)
-        from_conv = _feeding_conv(add.output[0], inits, consumers)
+        from_conv = _feeding_conv(add.output[0], consumers)
         if from_scope != from_conv:
             raise TerrainConversionError(f"GroupNorm {from_scope!r} (scope) feeds the conv of {from_conv!r}")
         used.update((node.input[1], node.input[2], gamma[0], beta[0]))
@@ -239,7 +239,7 @@ def _group_norms(graph, inits: dict, consumers: dict, used: set[str]) -> dict[st
     return out
 
 
-def _feeding_conv(tensor: str, inits: dict, consumers: dict) -> str | None:
+def _feeding_conv(tensor: str, consumers: dict) -> str | None:
     """The GroupNorm name implied by the first Conv downstream of ``tensor`` (through activations and pooling)."""
     frontier, convs = [tensor], set()
     for _ in range(8):
