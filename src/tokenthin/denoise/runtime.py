@@ -5,7 +5,9 @@ Per denoiser call (the root's pre-hook opens it): each chosen block's pre-hook p
 block's input tokens (the method's plan, :mod:`tokenthin.ops.assign`); the pre-hook of a chosen part's first
 ``enter`` module merges that module's input (later ``enter`` modules reuse the merged tensor when they receive the
 same input), the hook on its ``exit`` module unmerges the output (every token gets its slot's value), and the
-block's post-hook forgets the assignment. A block that merges nothing (``int(N * ratio) == 0``) is left alone.
+block's post-hook forgets the assignment. Where the parts see a joint sequence (the adapter's ``block_prefix``:
+text tokens first), only the image tokens after the prefix are merged and unmerged. A block that merges nothing
+(``int(N * ratio) == 0``) is left alone.
 Removing the hooks restores the model exactly. Nothing survives a call but the :class:`DenoiseInfo` summary.
 """
 
@@ -41,6 +43,13 @@ class DenoiserRuntime:
 
     # ----- hook management -----
     def attach(self) -> None:
+        try:
+            self._attach()
+        except BaseException:  # a seam refused (e.g. a processor it cannot wrap): leave the model as it was
+            self.detach()
+            raise
+
+    def _attach(self) -> None:
         a = self.adapter
         self.handles.append(a.root.register_forward_pre_hook(self._start, with_kwargs=True))
         self.handles.append(a.root.register_forward_hook(self._finish, with_kwargs=True, always_call=True))
@@ -48,14 +57,14 @@ class DenoiserRuntime:
             blk = a.blocks[i]
             self.handles.append(blk.module.register_forward_pre_hook(self._make_block_pre(i), with_kwargs=True))
             self.handles.append(blk.module.register_forward_hook(self._make_block_post(i), always_call=True))
-            for role in self.options.parts:
-                part = blk.parts.get(role)
-                if part is None:
+            for key, part in blk.parts.items():
+                if part.role not in self.options.parts:
                     continue
+                self.handles.extend(a.part_seams(i, key, part))
                 for k, mod in enumerate(part.enter):
-                    hook = self._make_enter(i, role, first=k == 0)
+                    hook = self._make_enter(i, key, first=k == 0)
                     self.handles.append(mod.register_forward_pre_hook(hook, with_kwargs=True))
-                self.handles.append(part.exit.register_forward_hook(self._make_exit(i, role)))
+                self.handles.append(part.exit.register_forward_hook(self._make_exit(i, key)))
 
     def detach(self) -> None:
         for h in self.handles:
@@ -98,6 +107,7 @@ class DenoiserRuntime:
             merge = self._plan(st, i, x)
             self._toc(x, t0)
             if merge is not None:
+                merge.prefix = self.adapter.block_prefix(i, args, kwargs)
                 st.active[i] = merge
 
         return pre
@@ -109,7 +119,7 @@ class DenoiserRuntime:
             if merge is None:
                 return
             blk = self.adapter.blocks[i]
-            missing = [r for r in self.options.parts if r in blk.parts and r not in merge.done]
+            missing = [k for k, p in blk.parts.items() if p.role in self.options.parts and k not in merge.done]
             if missing:
                 raise TokenThinError(
                     f"the {', '.join(missing)} part of {blk.name} never ran on its tokens through the hooked modules "
@@ -159,7 +169,7 @@ class DenoiserRuntime:
         return BlockMerge(a=a, source=source, n=n, ones=ones)
 
     # ----- parts -----
-    def _make_enter(self, i: int, role: str, first: bool):
+    def _make_enter(self, i: int, role: str, first: bool):  # role: the part's key in the block's parts
         a = self.adapter
 
         def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -170,17 +180,22 @@ class DenoiserRuntime:
             t = a.layer_input(args, kwargs)
             if not first:  # q / k / v of one attention: merge only the tensor the first projection received
                 memo = merge.memo.get(role)
-                return None if memo is None or memo[0] is not t else a.with_layer_input(args, kwargs, memo[1])
-            if t.dim() != 3 or t.shape[1] != merge.n:
+                if memo is None or memo[0] is not t:
+                    return None
+                return a.enter_args(i, args, kwargs, memo[1], merge.a.slot_src)
+            p = merge.prefix  # leading tokens that are not image tokens (text in a joint sequence): left alone
+            if t.dim() != 3 or t.shape[1] != p + merge.n:
                 raise TokenThinError(
                     f"the {role} part of {a.blocks[i].name} received {tuple(t.shape)}, not the block's "
-                    f"{merge.n} tokens (forward chunking?); disable it or skip the part"
+                    f"{p + merge.n} tokens (forward chunking?); disable it or skip the part"
                 )
             t0 = self._tic(t)
-            xm, _ = assign.merge(t, merge.ones, merge.a)
+            xm, _ = assign.merge(t[:, p:] if p else t, merge.ones, merge.a)
+            if p:
+                xm = torch.cat([t[:, :p], xm], dim=1)
             self._toc(t, t0)
             merge.memo[role] = (t, xm)
-            return a.with_layer_input(args, kwargs, xm)
+            return a.enter_args(i, args, kwargs, xm, merge.a.slot_src)
 
         return pre
 
@@ -194,7 +209,10 @@ class DenoiserRuntime:
                 return None
             y = a.layer_output(out)
             t0 = self._tic(y)
-            full = assign.unmerge(y, merge.source)
+            p = merge.prefix
+            full = assign.unmerge(y[:, p:] if p else y, merge.source)
+            if p:
+                full = torch.cat([y[:, :p], full], dim=1)
             self._toc(y, t0)
             merge.done.add(role)
             del merge.memo[role]

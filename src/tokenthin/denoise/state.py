@@ -40,6 +40,7 @@ class BlockMerge:
     source: torch.Tensor  # (B, N) each token -> its slot
     n: int  # tokens entering the block
     ones: torch.Tensor  # (B, N) float32 token sizes (block-local: every token stands for itself)
+    prefix: int = 0  # tokens before the image tokens in the parts' sequences (the adapter's block_prefix)
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # role -> (input, merged)
     done: set[str] = field(default_factory=set)  # roles whose output was unmerged
 
