@@ -39,6 +39,7 @@ def test_blocks_and_parts_of_each_family() -> None:
     assert {"diffusers_dit", "diffusers_sd3", "diffusers_flux"} <= names
     e = tokenthin.explain(flux())
     assert e["sites"][0] == "block" and e["layers"] == 4 and any("proj_out" in t for t in e["touched_modules"])
+    assert any("processor (wrapped" in t for t in e["touched_modules"])
 
 
 @pytest.mark.parametrize("family", list(BUILDERS))

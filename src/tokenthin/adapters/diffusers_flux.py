@@ -224,6 +224,12 @@ class DiffusersFluxAdapter(DenoiserAdapter):
         cos, sin = rot
         return args, {**kwargs, "image_rotary_emb": SlotRotary(cos, sin, text, slots)}
 
+    def touched(self) -> list[str]:
+        out = super().touched()
+        for b in self.blocks:
+            out.append(f"{b.name}.attn.processor (wrapped while applied: rotary rows of merged tokens)")
+        return out
+
     def part_seams(self, i: int, key: str, part: Part) -> list[Any]:
         attn = part.attention
         if attn is None:
