@@ -160,6 +160,35 @@ class ReduceInput:
 Plan = tuple[torch.Tensor, torch.Tensor | None]  # (keep (B, N) bool, target (B, N) long or None)
 
 
+class OrderedPlan(tuple):
+    """A plan ``(keep, target)`` that also fixes what the language model reads, for an official code's parity mode
+    (``official=True``). It unpacks like any plan (``keep, target = plan``), so hosts that ignore the additions still
+    run it; the vision-language runtime (:func:`tokenthin.vlm.plan.plan`) and :func:`tokenthin.ops.ordered.apply`
+    honour them:
+
+    * ``order`` (B, N) float or None: a sort key per kept token; the language model reads the slots by ascending
+      key of their representative (ties: positional order). The set of sequence positions is unchanged (the
+      positions stay ascending), only which slot sits at which position;
+    * ``values`` (B, N, D) or None: the value of each kept token's slot, where the official merge is not the
+      size-weighted mean (rows of tokens that are not kept are ignored).
+
+    Encoder and denoiser runtimes apply ``keep`` / ``target`` only (positional order, size-weighted means)."""
+
+    order: torch.Tensor | None
+    values: torch.Tensor | None
+
+    def __new__(
+        cls,
+        keep: torch.Tensor,
+        target: torch.Tensor | None,
+        order: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> OrderedPlan:
+        obj = super().__new__(cls, (keep, target))
+        obj.order, obj.values = order, values
+        return obj
+
+
 class Method:
     """Base class; subclasses set the class attributes and implement :meth:`reduce`."""
 
