@@ -11,10 +11,14 @@ tokens themselves; ``sim_R(j, i) = softmax_i(cos(r_j, x_i) / T_R) / |R|`` (see
 ``T_vision = 0.2`` and ``alpha = 0.5`` (CCAAttking7/MMTok, ``mmtok/llava/llava_inject.py``).
 
 Choices left open, and ours:
-* the text embedding: the released code embeds the question with CLIP's text tower and compares it with the
-  visual tokens in CLIP's projected space. Here both sides are what the language model reads: the prompt's
-  text-token input embeddings (``ReduceInput.text``: every non-image token of the sample's own prompt, system
-  prompt and template included) and the projected visual tokens, so no second model is needed;
+* the text side: the released code (``mmtok/core/mmtok_core.py``, ``text_processor.py``) strips the prompt
+  template from the question, drops its non-visual words by a fixed word list (keyword filtering), tokenises the
+  remaining words one by one and embeds them with the language model's ``embed_tokens`` (no BOS). Here the
+  references are the prompt's text-token input embeddings as the language model reads them (``ReduceInput.text``:
+  every non-image token of the sample's own prompt, system prompt and template included, no word filter);
+* the vision-vision term: the released code compares the visual tokens in the vision tower's own (pre-projector,
+  CLIP) feature space (``vision_features_clip``, [CLS] stripped) while selecting projected tokens; here the term
+  uses the projected visual tokens the language model reads;
 * on a plain vision encoder there is no prompt: the method refuses it and names ``coverage`` (the vision term
   alone);
 * ties go to the lowest token index.
