@@ -144,3 +144,16 @@ def test_visionzip_official_on_llava_reads_values_in_official_order():
     x = inp.x[0]
     assert (want[0, -1] - (x[tgt] + x[assigned].mean(0))).abs().max() < 1e-5
     assert int(plan[0].sum()) == 7 and inp.x.shape[1] == TPI
+
+
+@pytest.mark.parametrize(("method", "kw"), [("globalcom2", {"keep": 0.5}), ("holov", {"keep": 7, "partitions": 3})])
+def test_official_orders_batch_equals_singles_on_anyres(method, kw):
+    from tiny_vlm import llava_next, next_inputs, next_single, ngenerate
+
+    model = llava_next()
+    inputs = next_inputs(model)
+    with tokenthin.applied(model, method, official=True, **kw):
+        toks, logits = ngenerate(model, inputs)
+        for i in range(3):
+            t1, l1 = ngenerate(model, next_single(inputs, i))
+            assert torch.equal(t1[0], toks[i]) and (l1[0] - logits[i]).abs().max() < 1e-4, i
