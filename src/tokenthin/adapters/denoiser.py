@@ -20,7 +20,8 @@ token set (a UNet's blocks at 64x64, 32x32, 16x16 ... latent grids; text tokens 
   and the output of ``exit`` is unmerged (a forward hook). For a residual block ``x + f(norm(x))`` this is
   tomesd's ``x + unmerge(f(merge(norm(x))))`` with no copied forward body and the host's attention processor
   (SDPA or eager) untouched. ``attention`` is the part's attention module (diffusers ``Attention``: ``to_q``,
-  ``to_k``, ``to_v``, ``to_out``, ``heads``) for methods that act on keys / values only (ToDo) or need the heads;
+  ``to_k``, ``to_v``, ``to_out``, ``heads``) for methods that act on keys / values only (ToDo: the runtime reduces
+  the inputs of :meth:`DenoiserAdapter.kv_inputs`, by default ``to_k`` / ``to_v``) or need the heads;
 * **grids**: :meth:`DenoiserAdapter.block_grid` is the (h, w) token grid block i sees for a call, exact for odd
   latent sizes (checked against the block's actual token count).
 
@@ -40,7 +41,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..errors import InputMismatchError
+from ..errors import InputMismatchError, UnsupportedModelError
 from .contract import Adapter
 
 __all__ = ["PART_ROLES", "CallGrid", "DenoiserAdapter", "DenoiserBlock", "Part", "denoiser_of"]
@@ -115,6 +116,13 @@ class DenoiserAdapter(Adapter):
 
     def parts(self, i: int) -> Mapping[str, Part]:
         return self.blocks[i].parts
+
+    def kv_inputs(self, part: Part) -> tuple[nn.Module, ...]:
+        """The modules whose first input is an attention part's key / value tokens (block mode ``"kv"``, ToDo):
+        diffusers ``Attention``'s ``to_k`` and ``to_v``, fed the same (B, N, C) tensor in self-attention."""
+        if part.attention is None:
+            raise UnsupportedModelError(f"the {part.role} part has no attention module: its keys cannot be reduced")
+        return (part.attention.to_k, part.attention.to_v)
 
     def block_grid(self, i: int, latent: tuple[int, int], n: int) -> tuple[int, int]:
         """The (h, w) token grid of block i for a latent of size ``latent`` whose input has ``n`` tokens:
