@@ -30,6 +30,7 @@ class SoftPlan:
     unmerge_w: torch.Tensor  # (B, T, n, m) float
     n_tokens: int  # N
     k: int  # merged tokens per sample
+    dst: torch.Tensor | None = None  # (B, k) long: the token each merged token is built around, where there is one
 
     def __post_init__(self) -> None:
         self._valid_slot = (self.slot >= 0).reshape(-1)  # flat (T*m) positions holding a merged token
@@ -78,16 +79,12 @@ def dense(plan: SoftPlan) -> tuple[torch.Tensor, torch.Tensor]:
     b = plan.merge_w.shape[0]
     t, n = plan.tok_idx.shape
     m = plan.slot.shape[1]
+    rows = plan.slot.view(t, m, 1).expand(t, m, n)
+    cols = plan.tok_idx.view(t, 1, n).expand(t, m, n)
+    ok = (rows >= 0) & (cols >= 0)
+    r, c = rows[ok], cols[ok]
     mw = torch.zeros(b, plan.k, plan.n_tokens, dtype=plan.merge_w.dtype, device=plan.merge_w.device)
     uw = torch.zeros(b, plan.n_tokens, plan.k, dtype=plan.merge_w.dtype, device=plan.merge_w.device)
-    for ti in range(t):
-        for j in range(m):
-            s = int(plan.slot[ti, j])
-            if s < 0:
-                continue
-            for p in range(n):
-                i = int(plan.tok_idx[ti, p])
-                if i >= 0:
-                    mw[:, s, i] = plan.merge_w[:, ti, j, p]
-                    uw[:, i, s] = plan.unmerge_w[:, ti, p, j]
+    mw[:, r, c] = plan.merge_w[:, ok]
+    uw[:, c, r] = plan.unmerge_w.transpose(-1, -2)[:, ok]
     return mw, uw
