@@ -281,7 +281,8 @@ def test_support_table_matches_apply() -> None:
         for name in tokenthin.api.all_methods():
             reason = tokenthin.support(name, host)
             try:
-                tokenthin.apply(model, name, **({} if name == "tomesd" else {"keep": 0.5}), replace=True)
+                denoiser_only = tokenthin.api.get(name).runtimes == {"denoiser"}  # their own default budgets
+                tokenthin.apply(model, name, **({} if denoiser_only else {"keep": 0.5}), replace=True)
                 refused = None
             except tokenthin.TokenThinError as e:
                 refused = str(e)
@@ -313,3 +314,21 @@ def test_pipelines_hold_the_denoiser_as_transformer_and_apply_finds_it() -> None
     tokenthin.remove(pipe)
     torch.manual_seed(0)
     assert torch.equal(gen(), ref)
+
+
+def test_flux_refuses_key_value_reduction_and_takes_soft_plans() -> None:
+    import tokenthin
+    from tokenthin.errors import UnsupportedModelError
+
+    m = flux()
+    x = dit_input(m, 2, (8, 8))
+    assert tokenthin.support("todo", "diffusers_flux") == "no kv mode"
+    with pytest.raises(UnsupportedModelError, match="rotary"):
+        tokenthin.apply(m, "todo")
+    assert not tokenthin.is_applied(m)
+    ref = dit_run(m, x)
+    tokenthin.apply(m, "toma", ratio=0.5)  # soft slots are built around kept tokens: rotary rows follow them
+    y = dit_run(m, x)
+    tokenthin.remove(m)
+    assert y.shape == ref.shape and torch.isfinite(y).all() and not torch.equal(y, ref)
+    assert torch.equal(dit_run(m, x), ref)

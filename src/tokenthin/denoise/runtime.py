@@ -8,7 +8,17 @@ same input), the hook on its ``exit`` module unmerges the output (every token ge
 block's post-hook forgets the assignment. Where the parts see a joint sequence (the adapter's ``block_prefix``:
 text tokens first), only the image tokens after the prefix are merged and unmerged. A block that merges nothing
 (``int(N * ratio) == 0``) is left alone.
-Removing the hooks restores the model exactly. Nothing survives a call but the :class:`DenoiseInfo` summary.
+Removing the hooks restores the model exactly. Nothing survives a call but the :class:`DenoiseInfo` summary (and,
+in soft mode with ``reuse_steps > 1``, the reused plans, owned by this runtime and dropped by ``detach()``).
+
+The method's ``block_mode`` picks how a plan acts (:class:`~tokenthin.denoise.state.BlockOptions`):
+
+* ``"merge"``: as above; the merge itself is the method's ``block_merge`` (the mean per slot; ToFu: MLERP, or
+  selection in the blocks where it prunes); the unmerge copies each token's slot;
+* ``"kv"``: only the ``attn`` part, and only its key / value inputs (the adapter's ``kv_inputs``: ``to_k`` /
+  ``to_v``) are reduced by the assignment; queries and the output keep every token, nothing is unmerged (ToDo);
+* ``"soft"``: the plan is the method's ``soft_plan`` (:class:`~tokenthin.ops.soft.SoftPlan`, a many-to-many merge
+  and unmerge: ToMA), applied at the same enter / exit seams as ``"merge"``.
 """
 
 from __future__ import annotations
@@ -23,7 +33,8 @@ from ..adapters.denoiser import DenoiserAdapter
 from ..errors import InputMismatchError, TokenThinError
 from ..layout import Layout
 from ..methods.base import Method, ReduceInput
-from ..ops import assign
+from ..ops import assign, soft
+from ..ops.soft import SoftPlan
 from ..runtime.block import BlockSignals
 from ..runtime.state import _sync
 from .state import BlockMerge, BlockOptions, DenoiseCall, DenoiseInfo
@@ -40,6 +51,8 @@ class DenoiserRuntime:
         self.measure = False  # accumulate the time spent planning, merging and unmerging into ``overhead_s``
         self.overhead_s = 0.0
         self._st: DenoiseCall | None = None
+        self._calls = 0  # denoiser calls opened (soft-plan reuse counts them)
+        self._soft_cache: dict[int, tuple[int, tuple, SoftPlan]] = {}  # block -> (call planned, input key, plan)
 
     # ----- hook management -----
     def attach(self) -> None:
@@ -60,6 +73,10 @@ class DenoiserRuntime:
             for key, part in blk.parts.items():
                 if part.role not in self.options.parts:
                     continue
+                if self.options.mode == "kv":
+                    for k, mod in enumerate(a.kv_inputs(part)):
+                        self.handles.append(mod.register_forward_pre_hook(self._make_kv(i, key, first=k == 0)))
+                    continue
                 self.handles.extend(a.part_seams(i, key, part))
                 for k, mod in enumerate(part.enter):
                     hook = self._make_enter(i, key, first=k == 0)
@@ -71,6 +88,7 @@ class DenoiserRuntime:
             h.remove()
         self.handles.clear()
         self._st = None
+        self._soft_cache.clear()
 
     # ----- the call -----
     def _start(self, _m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -82,6 +100,7 @@ class DenoiserRuntime:
                 f"the input is on {cg.x.device} but the denoiser is on {param.device}; move one of them"
             )
         self._st = DenoiseCall(latent=cg.latent, batch=cg.batch, step=a.timestep(args, kwargs, cg.batch))
+        self._calls += 1
 
     def _finish(self, _m: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
         st, self._st = self._st, None
@@ -139,11 +158,10 @@ class DenoiserRuntime:
         if r <= 0:
             st.tokens.append(n)
             return None
-        ones = torch.ones(b, n, dtype=torch.float32, device=x.device)
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
         inp = ReduceInput(
             x=x,
-            size=ones,
+            size=torch.ones(b, n, dtype=torch.float32, device=x.device),
             valid=valid,
             num_protected=0,
             layer=i,
@@ -156,6 +174,10 @@ class DenoiserRuntime:
             step=st.step,
         )
         keep_n = torch.full((b,), n - r, dtype=torch.long, device=x.device)
+        if self.options.mode == "soft":
+            plan = self._soft(i, inp, keep_n)
+            st.tokens.append(plan.k)
+            return None if plan.k == n else BlockMerge(n=n, soft=plan)
         with torch.no_grad():
             keep, target = self.method.reduce(inp, keep_n)
             keep = keep & valid
@@ -163,10 +185,28 @@ class DenoiserRuntime:
                 target = target.masked_fill(keep, -1)
             a = assign.build(keep, target)
             source = assign.compose_source(torch.arange(n, device=x.device).expand(b, n), a)
+        if self.options.mode == "kv" and not a.uniform:
+            raise TokenThinError(
+                f"'{self.method.name}' reduced the keys of {self.adapter.blocks[i].name} to different counts per "
+                "sample, which attention cannot take without a mask; run samples with different timesteps apart"
+            )
         st.tokens.append(a.n_out)
         if a.n_out == n:
             return None
-        return BlockMerge(a=a, source=source, n=n, ones=ones)
+        return BlockMerge(n=n, a=a, source=source)
+
+    def _soft(self, i: int, inp: ReduceInput, keep_n: torch.Tensor) -> SoftPlan:
+        """Block i's soft plan: reused from an earlier call while ``reuse_steps`` allows, else planned now."""
+        x = inp.x
+        key = (tuple(x.shape), x.device, x.dtype)
+        hit = self._soft_cache.get(i)
+        if hit is not None and hit[1] == key and self._calls - hit[0] < self.options.reuse_steps:
+            return hit[2]
+        with torch.no_grad():
+            plan = self.method.soft_plan(inp, keep_n)
+        if self.options.reuse_steps > 1:
+            self._soft_cache[i] = (self._calls, key, plan)
+        return plan
 
     # ----- parts -----
     def _make_enter(self, i: int, role: str, first: bool):  # role: the part's key in the block's parts
@@ -182,7 +222,7 @@ class DenoiserRuntime:
                 memo = merge.memo.get(role)
                 if memo is None or memo[0] is not t:
                     return None
-                return a.enter_args(i, args, kwargs, memo[1], merge.a.slot_src)
+                return a.enter_args(i, args, kwargs, memo[1], self._slots(merge))
             p = merge.prefix  # leading tokens that are not image tokens (text in a joint sequence): left alone
             if t.dim() != 3 or t.shape[1] != p + merge.n:
                 raise TokenThinError(
@@ -190,12 +230,12 @@ class DenoiserRuntime:
                     f"{p + merge.n} tokens (forward chunking?); disable it or skip the part"
                 )
             t0 = self._tic(t)
-            xm, _ = assign.merge(t[:, p:] if p else t, merge.ones, merge.a)
+            xm = self._merge(i, t[:, p:] if p else t, merge)
             if p:
                 xm = torch.cat([t[:, :p], xm], dim=1)
             self._toc(t, t0)
             merge.memo[role] = (t, xm)
-            return a.enter_args(i, args, kwargs, xm, merge.a.slot_src)
+            return a.enter_args(i, args, kwargs, xm, self._slots(merge))
 
         return pre
 
@@ -210,7 +250,8 @@ class DenoiserRuntime:
             y = a.layer_output(out)
             t0 = self._tic(y)
             p = merge.prefix
-            full = assign.unmerge(y[:, p:] if p else y, merge.source)
+            yi = y[:, p:] if p else y
+            full = soft.unmerge(yi, merge.soft) if merge.soft is not None else assign.unmerge(yi, merge.source)
             if p:
                 full = torch.cat([y[:, :p], full], dim=1)
             self._toc(y, t0)
@@ -219,6 +260,48 @@ class DenoiserRuntime:
             return a.with_layer_output(out, full)
 
         return post
+
+    @staticmethod
+    def _slots(merge: BlockMerge) -> torch.Tensor | None:
+        """(B, N') the block-input token each merged slot is built around (None: a soft plan without one)."""
+        if merge.a is not None:
+            return merge.a.slot_src
+        return None if merge.soft is None else merge.soft.dst
+
+    def _merge(self, i: int, t: torch.Tensor, merge: BlockMerge) -> torch.Tensor:
+        if merge.soft is not None:
+            return soft.merge(t, merge.soft)
+        assert merge.a is not None
+        with torch.no_grad():
+            return self.method.block_merge(t, merge.a, i, len(self.adapter.blocks))
+
+    def _make_kv(self, i: int, role: str, first: bool):
+        """Mode "kv": the pre-hook of a key / value projection reduces its input tokens (queries untouched)."""
+        a = self.adapter
+
+        def pre(_m: nn.Module, args: tuple) -> tuple | None:
+            st = self._st
+            merge = None if st is None else st.active.get(i)
+            if merge is None:
+                return None
+            t = args[0]
+            memo = merge.memo.get(role)
+            if memo is not None and memo[0] is t:  # the value projection gets the tensor the key projection got
+                return (memo[1], *args[1:])
+            if t.dim() != 3 or t.shape[1] != merge.n:
+                raise TokenThinError(
+                    f"the keys of {a.blocks[i].name} come from {tuple(t.shape)}, not the block's {merge.n} tokens "
+                    "(cross-attention or forward chunking?); this method reduces self-attention keys only"
+                )
+            t0 = self._tic(t)
+            xm = self._merge(i, t, merge)
+            self._toc(t, t0)
+            if first:
+                merge.memo[role] = (t, xm)
+            merge.done.add(role)
+            return (xm, *args[1:])
+
+        return pre
 
     # ----- timing (benchmarks) -----
     def _tic(self, x: torch.Tensor) -> float:

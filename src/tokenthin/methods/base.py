@@ -25,6 +25,9 @@ import torch
 
 from ..errors import BudgetError, TokenThinError, UnknownMethodError
 from ..layout import Layout
+from ..ops import assign
+from ..ops.assign import Assignment
+from ..ops.soft import SoftPlan
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,11 @@ class Method:
     # the runtime kinds (Adapter.kind: "encoder", "vlm", "denoiser") the method is made for; empty: any host that
     # offers one of its sites
     runtimes: ClassVar[frozenset[str]] = frozenset()
+    # on a denoiser (tokenthin.denoise), what a block's plan acts on: "merge" (the chosen parts compute on merged
+    # tokens and their outputs are unmerged; the plan is reduce()'s assignment, applied by block_merge()), "kv"
+    # (only the self-attention's key / value inputs are reduced by the assignment, queries untouched, nothing is
+    # unmerged: ToDo) or "soft" (the parts compute on soft_plan()'s many-to-many merge and unmerge: ToMA)
+    block_mode: ClassVar[str] = "merge"
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))
@@ -226,6 +234,22 @@ class Method:
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         """Plan the reduction at one point. ``keep`` (B,): candidate tokens each sample keeps."""
+        raise NotImplementedError
+
+    # ----- denoiser hooks (tokenthin.denoise; the defaults suit every assignment method) -----
+    def block_ratio(self) -> float | None:
+        """The share of each block's tokens removed when the method's own parameters fix it (ToDo's
+        ``downsample_factor``); None: the budget comes from ``ratio=`` / ``keep=``."""
+        return None
+
+    def block_merge(self, x: torch.Tensor, a: Assignment, layer: int, num_layers: int) -> torch.Tensor:
+        """Block ``layer``'s (of ``num_layers``) tokens ``x`` (B, N, D) merged by ``a``: the mean of each slot's
+        tokens (tomesd); ToFu overrides it (MLERP, or pruning in late blocks)."""
+        ones = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
+        return assign.merge(x, ones, a)[0]
+
+    def soft_plan(self, inp: ReduceInput, keep: torch.Tensor) -> SoftPlan:
+        """For ``block_mode == "soft"``: a many-to-many merge of the block's tokens (each sample keeping ``keep``)."""
         raise NotImplementedError
 
     def llm_points(self, num_layers: int) -> list[tuple[int, float | int]]:
