@@ -109,7 +109,9 @@ def bench_cmd(
     image_size: int = typer.Option(224, help="input size in pixels"),
     repeats: int = typer.Option(3, help="timed repeats (median) per configuration"),
     out: str = typer.Option("results", help="output folder; the run goes to OUT/RUN"),
-    run: str = typer.Option("", help="run name (default: model name)"),
+    run: str = typer.Option(
+        "", "--run", "--run-name", help="run name (default: model name); under torchrun write --run-name"
+    ),
     resume: bool = typer.Option(False, "--resume", help="skip rows already in OUT/RUN/results.jsonl"),
     viz: bool = typer.Option(True, help="write viz_*.png token overlays"),
     seed: int = typer.Option(0, help="random seed"),

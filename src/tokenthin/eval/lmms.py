@@ -7,7 +7,9 @@
 lmms-eval finds it through the Python entry point group ``lmms_eval.models`` (tokenthin's ``pyproject.toml`` declares
 ``tokenthin = "tokenthin.eval:lmms_manifest"``; lmms-eval's registry reads that group at import), so nothing is
 forked or patched. Data-parallel: ``accelerate launch --num_processes N -m lmms_eval --model tokenthin ...`` runs one
-full copy of the model per process (``cuda:LOCAL_RANK``, or the CPU) on its share of the requests.
+full copy of the model per process (``cuda:LOCAL_RANK``) on its share of the requests; on CPUs,
+``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...`` (``--multi_gpu`` picks accelerate's
+torch.distributed launcher, the variable its multi-CPU gloo mode).
 
 ``--model_args`` (comma-separated ``key=value``): ``pretrained`` (a local checkpoint directory or a cached model id;
 nothing is downloaded), ``method`` (a tokenthin method; omitted or ``none``: the unreduced model), ``keep`` /
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +91,15 @@ class TokenThinVLM(lmms):
         for k in _LMMS_EXTRAS:
             params.pop(k, None)
         on_cpu = device == "cpu" or not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=on_cpu)  # several CPU processes: accelerate's MULTI_CPU (gloo)
+        self.accelerator = Accelerator(cpu=on_cpu)  # lmms-eval made its own first: this shares its state
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
+        if self._world_size == 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise TokenThinError(
+                "accelerate sees one process but WORLD_SIZE="
+                f"{os.environ['WORLD_SIZE']}: on CPUs run `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu "
+                "--num_processes N -m lmms_eval ...` so that accelerate uses its multi-CPU (gloo) mode"
+            )
         if on_cpu:
             dev = torch.device("cpu")
         elif self._world_size > 1 or not device:
@@ -241,7 +250,7 @@ class TokenThinVLM(lmms):
         if self._world_size > 1:  # one name for the run: rank 0's clock
             from accelerate.utils import broadcast_object_list
 
-            broadcast_object_list(stamp)
+            broadcast_object_list(stamp, from_process=0)
         stamp = stamp[0]
         tag = self.method or "none"
         path = Path(log_dir) / f"{stamp}_{name}_{tag}_rank{self._rank}.jsonl"
