@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from tokenthin.eval.lmms_task import write_task
 from tokenthin.eval.tiny import make_vqa_data, save_tiny
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None, reason="lmms-eval not installed")
