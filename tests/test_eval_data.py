@@ -91,3 +91,20 @@ def test_unlabelled_data_gets_the_bypass_metric(tmp_path: Path, data: Path) -> N
     data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer"}) + "\n" for r in rows))
     text = write_task(data, tmp_path).read_text()
     assert "metric: bypass" in text and "process_results" not in text
+
+
+def test_command_line_writes_a_checkpoint_with_demo_data_and_a_task(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tokenthin.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["tiny-vlm", "llava", str(tmp_path / "q"), "--image-size", "112"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "q" / "config.json").exists() and (tmp_path / "q" / "processor_config.json").exists()
+    data = tmp_path / "q" / "data" / "vqa.jsonl"
+    assert len(read_jsonl(data)) == 6
+    res = runner.invoke(app, ["eval-task", str(data), "--out", str(tmp_path / "tasks"), "--name", "mine"])
+    assert res.exit_code == 0 and "--include_path" in res.output and "--tasks mine" in res.output
+    assert (tmp_path / "tasks" / "mine" / "mine.yaml").exists()
+    assert runner.invoke(app, ["tiny-vlm", "gpt", str(tmp_path / "x")]).exit_code != 0

@@ -70,7 +70,8 @@ def _cost(rec: Mapping[str, Any], k: str) -> str:
         return f"{ratio:.2f}x (of {full / 1e9:.3g} G)"
     if k == "peak_mb":
         return f"{ratio:.2f}x (of {full:.3g} MB)"
-    return f"{ratio:.2f}x (of {1000 * full:.3g} ms)"
+    ms = 1000 * full
+    return f"{ratio:.2f}x (of {ms:.0f} ms)" if ms >= 100 else f"{ratio:.2f}x (of {ms:.3g} ms)"
 
 
 def markdown(table: list[dict[str, Any]], model: str) -> str:
