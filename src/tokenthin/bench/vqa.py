@@ -27,13 +27,19 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import TokenThinError
 from .store import ResultStore, config_key, environment
 
+if TYPE_CHECKING:
+    from ..eval.measure import Generation
+    from ..eval.vqa_data import VQASample
+
+Texts = dict[str, str]  # sample id -> prompt
+Images = dict[str, list[Any]]  # sample id -> its PIL images
 BASELINES = ("random", "pool")
 REFERENCE = "none"
 
@@ -160,7 +166,15 @@ class VQABench:
                 for row in rows:
                     self._append(row)
 
-    def _config(self, todo, texts, images, method, keep, refs) -> list[dict[str, Any]]:
+    def _config(
+        self,
+        todo: list[VQASample],
+        texts: Texts,
+        images: Images,
+        method: str,
+        keep: float | int,
+        refs: dict[str, str | None],
+    ) -> list[dict[str, Any]]:
         from .. import api
         from ..eval.vqa_data import normalize, score
 
@@ -188,7 +202,7 @@ class VQABench:
             rows.append(self._row(s, method, keep, answer=answer, metrics=metrics, site=g.site))
         return rows
 
-    def _generate(self, todo, texts, images, max_new):
+    def _generate(self, todo: list[VQASample], texts: Texts, images: Images, max_new: int) -> Generation:
         from ..eval.loading import encode
         from ..eval.measure import generate_measured
 
@@ -207,7 +221,16 @@ class VQABench:
             setattr(g, name, statistics.median([getattr(x, name) for x in (g, *more)]))
         return g
 
-    def _row(self, s, method, keep, answer=None, metrics=None, site=None, error=None) -> dict[str, Any]:
+    def _row(
+        self,
+        s: VQASample,
+        method: str,
+        keep: float | int,
+        answer: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        site: str | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
         row = {
             "key": self.key(s.id, method, keep),
             "run": self.run_name,

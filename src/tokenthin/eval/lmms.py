@@ -23,7 +23,9 @@ Prompts: lmms-eval's chat messages (``doc_to_messages``, or its default user tur
 ``doc_to_text``) rendered by the processor's chat template; generation is greedy unless the task asks otherwise,
 ``max_new_tokens`` 1024 unless the task says, stop strings (``until``) cut the text after generation. These are the
 choices of lmms-eval's own ``llava_hf`` model, so without a method the answers equal it on the same checkpoint (a test
-holds them to it); unlike it, batches above 1 are generated together (left padding).
+holds them to it); unlike it, batches above 1 are generated together (left padding). lmms-eval's ``qwen2_vl`` model
+differs: it re-encodes images as JPEG and resizes them with ``qwen_vl_utils``; this model feeds the processor the
+task's images, resized by the processor's own ``min_pixels`` / ``max_pixels``.
 
 Per-sample log: ``LOG_DIR/<run>_rank<r>.jsonl``, one line per request: task, doc id, the answer, the visual tokens
 before / after, the language model's prompt length, time to first token, prefill, decode time and steps, peak

@@ -15,7 +15,6 @@ import torch
 
 from ..errors import MissingDependencyError, TokenThinError
 
-SUPPORTED = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")  # model_type values tokenthin has a VLM host for
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -53,8 +52,9 @@ def load_vlm(
 ) -> tuple[torch.nn.Module, Any]:
     """``(model, processor)`` from a local checkpoint directory (``save_pretrained`` output) or a cached model id.
 
-    The model is the ``*ForConditionalGeneration`` class of its config (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL), in
-    eval mode on ``device`` (default: :func:`pick_device`); the processor pads on the left (batched generation)."""
+    The model is the image-text-to-text class of its config (``LlavaForConditionalGeneration`` etc.; whether a method
+    can act on it is the adapters' business: ``tokenthin.apply`` says so), in eval mode on ``device`` (default:
+    :func:`pick_device`); the processor pads on the left (batched generation)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -68,9 +68,12 @@ def load_vlm(
             f"cannot load '{pretrained}' offline: give a local checkpoint directory (save_pretrained output with "
             "config.json, weights and the processor files) or a model id already in the Hugging Face cache"
         ) from e
-    if cfg.model_type not in SUPPORTED:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as IMAGE_TEXT
+
+    if cfg.model_type not in IMAGE_TEXT:
         raise TokenThinError(
-            f"'{pretrained}' is a '{cfg.model_type}' model; tokenthin's VLM hosts are {', '.join(SUPPORTED)}"
+            f"'{pretrained}' is a '{cfg.model_type}' model, not an image-text-to-text one: give a vision-language "
+            "checkpoint (tokenthin's hosts: LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; `tokenthin hosts` lists them)"
         )
     kw: dict[str, Any] = {"local_files_only": True, "dtype": resolve_dtype(dtype, dev)}
     if attn_implementation:

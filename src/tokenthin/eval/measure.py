@@ -125,6 +125,8 @@ class Generation:
 def image_token_counts(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[int]:
     """Image tokens per sample in ``input_ids`` (row-end tokens of LLaVA-NeXT included: the processor expands them)."""
     tid = model.config.image_token_id
+    if tid is None:
+        return [0] * inputs["input_ids"].shape[0]
     return (inputs["input_ids"] == tid).sum(1).tolist()
 
 
