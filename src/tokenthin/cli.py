@@ -122,7 +122,9 @@ def bench_cmd(
     ),
     data: str = typer.Option("", help="vqa task: JSONL file, one {image, question, answer (optional)} per line"),
     max_new_tokens: int = typer.Option(16, help="vqa task: tokens generated per answer (greedy)"),
-    dtype: str = typer.Option("auto", help="vqa task: auto (bfloat16 on a GPU, else float32), float16, float32"),
+    dtype: str = typer.Option(
+        "auto", help="vqa task: auto (the checkpoint's own on a GPU, float32 on CPU), float16, bfloat16, float32"
+    ),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""

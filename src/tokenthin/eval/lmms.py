@@ -12,18 +12,19 @@ full copy of the model per process (``cuda:LOCAL_RANK``) on its share of the req
 torch.distributed launcher, the variable its multi-CPU gloo mode).
 
 ``--model_args`` (comma-separated ``key=value``): ``pretrained`` (a local checkpoint directory or a cached model id;
-nothing is downloaded), ``method`` (a tokenthin method; omitted or ``none``: the unreduced model), ``keep`` /
-``r`` / ``flops`` / ``site`` (the budget and site, as ``tokenthin.apply`` takes them: ``keep=64`` is a count,
-``keep=0.25`` a fraction), ``dtype`` (auto, float32, float16, bfloat16), ``attn_implementation``, ``device``,
-``batch_size``, ``log_dir`` (per-sample log folder, default ``tokenthin_logs``; ``none`` turns it off),
-``memory`` (peak memory per batch, default true), ``count_flops`` (prefill FLOPs per batch, default false); any
-other key is a parameter of the method.
+nothing is downloaded), ``method`` (a tokenthin method; omitted or ``none``: the unreduced model), ``keep`` / ``r``
+/ ``flops`` / ``site`` (the budget and site, as ``tokenthin.apply`` takes them: ``keep=64`` is a count,
+``keep=0.25`` a fraction), ``dtype`` (auto: the checkpoint's own on a GPU, float32 on the CPU; float32, float16,
+bfloat16), ``attn_implementation``, ``device``, ``batch_size``, ``log_dir`` (per-sample log folder, default
+``tokenthin_logs``; ``none`` turns it off), ``memory`` (peak memory per batch, default true), ``count_flops``
+(prefill FLOPs per batch, default false); any other key is a parameter of the method.
 
 Prompts: lmms-eval's chat messages (``doc_to_messages``, or its default user turn of ``doc_to_visual`` images then
 ``doc_to_text``) rendered by the processor's chat template; generation is greedy unless the task asks otherwise,
-``max_new_tokens`` 1024 unless the task says, stop strings (``until``) cut the text after generation. These are the
-choices of lmms-eval's own ``llava_hf`` model, so without a method the answers equal it on the same checkpoint (a test
-holds them to it); unlike it, batches above 1 are generated together (left padding). lmms-eval's ``qwen2_vl`` model
+``max_new_tokens`` 1024 unless the task says, stop strings (``until``) cut the text after generation (``llava_hf``
+ignores them; a task's default stop is the end-of-sequence token, where both agree). These are the choices of
+lmms-eval's own ``llava_hf`` model, so without a method the answers equal it on the same checkpoint (a test holds
+them to it); unlike it, batches above 1 are generated together (left padding). lmms-eval's ``qwen2_vl`` model
 differs: it re-encodes images as JPEG and resizes them with ``qwen_vl_utils``; this model feeds the processor the
 task's images, resized by the processor's own ``min_pixels`` / ``max_pixels``.
 
@@ -113,6 +114,8 @@ class TokenThinVLM(lmms):
             pretrained, device=dev, dtype=resolve_dtype(dtype, dev), attn_implementation=attn_implementation
         )
         self._tokenizer = self.processor.tokenizer
+        if not str(batch_size).isdigit():
+            raise TokenThinError(f"batch_size={batch_size!r}: give a number (automatic batch sizes are not supported)")
         self.batch_size_per_gpu = int(batch_size)
         self.method = None if method in (None, "", "none") else str(method)
         self.budget = {k: v for k, v in (("keep", keep), ("r", r), ("flops", flops)) if v is not None}

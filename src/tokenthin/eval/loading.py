@@ -29,15 +29,13 @@ def pick_device(device: str | None = None, local_rank: int | None = None) -> tor
     return torch.device("cpu")
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """'auto' (or None): bfloat16 on a CUDA device that supports it, else float32; or a name in float32 / float16 /
-    bfloat16."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype | str:
+    """'auto' (or None): on a GPU the checkpoint's own dtype (``"auto"`` for ``from_pretrained``, what lmms-eval's
+    ``llava_hf`` loads), on the CPU float32; or a name in float32 / float16 / bfloat16."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return "auto" if device.type == "cuda" else torch.float32
     if dtype not in _DTYPES:
         raise TokenThinError(f"dtype '{dtype}' is not one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
