@@ -268,7 +268,8 @@ def make_vqa_data(out_dir: str | Path, n: int = 6, answers: list[str] | None = N
     lines = []
     for i, (q, a, shape, colour, (w, h)) in enumerate(_DEMO[:n]):
         im = Image.new("RGB", (w, h), (128, 128, 128))
-        box = (w // 4, h // 4, 3 * w // 4, 3 * h // 4)
+        r = min(w, h) // 4  # a centred square box: circles stay round on any aspect ratio
+        box = (w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r)
         draw = ImageDraw.Draw(im)
         (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=colour)
         im.save(out / "images" / f"{i}.png")
