@@ -93,8 +93,9 @@ class TokenThinVLM(lmms):
 
         for k in _LMMS_EXTRAS:
             params.pop(k, None)
-        on_cpu = device == "cpu" or not torch.cuda.is_available()
-        self.accelerator = Accelerator(cpu=on_cpu)  # lmms-eval made its own first: this shares its state
+        no_gpu = not torch.cuda.is_available()
+        on_cpu = no_gpu or device == "cpu"
+        self.accelerator = Accelerator(cpu=no_gpu)  # lmms-eval made its own first: this shares its state
         self._rank = self.accelerator.process_index
         self._world_size = self.accelerator.num_processes
         if self._world_size == 1 and int(os.environ.get("WORLD_SIZE", 1)) > 1:
