@@ -79,8 +79,9 @@ def markdown(table: list[dict[str, Any]], model: str) -> str:
     lines = [
         f"vqa results for {model}: accuracy = mean correct (the file's metric, over samples with answers); agreement "
         "= same normalised answer as the unreduced model; visual tokens = mean per sample before -> after; costs = "
-        "reduced / unreduced over the same samples (unreduced mean in parentheses); peak memory: of the whole "
-        "generate on CUDA, of a prefill forward on the CPU.",
+        "reduced / unreduced over the same samples (unreduced mean in parentheses); prefill time = the model's first "
+        "forward (the vision tower runs before it), TTFT = from the generate() call (tower included); peak memory: of "
+        "the whole generate on CUDA, of a prefill forward on the CPU.",
         "",
         head,
         "|" + "---|" * (6 + len(COSTS)),

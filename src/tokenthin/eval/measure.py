@@ -4,7 +4,9 @@ Definitions (one ``generate()`` call of a batch; times in seconds, CUDA synchron
 
 * ``ttft_s``: from the ``generate()`` call to the first token's scores (inputs prepared, vision tower, projector, the
   method, the language model's prefill);
-* ``prefill_s``: the first forward of the multimodal model alone (what generate's prefill step runs);
+* ``prefill_s``: the first forward of the multimodal model alone (generate's prefill step; transformers 5.24's
+  ``generate()`` encodes the images before that forward, so for LLaVA this is the projector-to-logits part: the
+  language model's prefill and the method; the vision tower is in ``ttft_s`` only);
 * ``decode_s``: from the first token's scores to the end; ``decode_steps`` forwards after the prefill, so one decoding
   step takes ``decode_s / decode_steps``;
 * ``peak_mb``: on CUDA, ``torch.cuda.max_memory_allocated`` during the call above what was allocated before it
