@@ -2,7 +2,8 @@
 
 The attention a layer paid is recomputed for the rows we need only: [CLS] -> all is one query row (O(N) per
 head), so no N x N matrix is materialised and the host may keep running SDPA or any other attention kernel.
-Mean attention (for models without [CLS]) needs every row; it is computed in row blocks to bound memory.
+Mean attention (for models without [CLS]) needs every row; it is accumulated over cache-sized slabs of query rows,
+one sample at a time, so memory stays bounded and the softmax never leaves the cache.
 ``bias`` is the additive key bias the layer itself saw (log-size for proportional attention, a large negative
 number for padding), so the scores match the attention the model actually computed.
 """
@@ -10,6 +11,8 @@ number for padding), so the scores match the attention the model actually comput
 from __future__ import annotations
 
 import torch
+
+_SLAB = 1 << 18  # floats in one slab of attention rows (1 MB): small enough to stay in cache
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -53,15 +56,29 @@ def mean_attention(
     scale: float,
     bias: torch.Tensor | None = None,
     query_valid: torch.Tensor | None = None,
-    block: int = 256,
+    block: int | None = None,
 ) -> torch.Tensor:
-    """Attention each token receives, averaged over (valid) queries and heads: (B, N)."""
+    """Attention each token receives, averaged over (valid) queries and heads: (B, N).
+
+    Column sums of the softmax attention, accumulated over slabs of query rows, one sample at a time: a slab is
+    (heads, ``block`` rows, N) float32, about 1 MB by default (``block`` None), so it stays in cache, and no
+    heads x N x N map (nor a batch of them) is ever held. Padded query rows (``query_valid`` False) are skipped,
+    not computed and then weighted by 0.
+    """
     b, n, _ = q.shape
-    total = torch.zeros(b, n, dtype=torch.float32, device=q.device)
-    for start in range(0, n, block):
-        att = query_attention(q, k, num_heads, scale, slice(start, start + block), bias)
-        if query_valid is not None:
-            att = att * query_valid[:, start : start + block, None].float()
-        total += att.sum(1)
-    denom = query_valid.sum(1, keepdim=True).clamp_min(1).float() if query_valid is not None else float(n)
-    return total / denom
+    qh, kh = _heads(q, num_heads), _heads(k, num_heads)  # (B, H, N, d) views
+    rows = block if block is not None else max(1, _SLAB // (num_heads * n))
+    out = torch.zeros(b, n, dtype=torch.float32, device=q.device)
+    for i in range(b):
+        qi, ki = qh[i], kh[i].contiguous()
+        if query_valid is not None and not bool(query_valid[i].all()):
+            qi = qi[:, query_valid[i]]
+        bi = None if bias is None else bias[i].float().view(1, 1, n)
+        r = qi.shape[1]
+        for start in range(0, r, rows):
+            logits = torch.matmul(qi[:, start : start + rows], ki.transpose(-1, -2)).mul_(scale)  # (H, rows, N)
+            if bi is not None:
+                logits.add_(bi)
+            out[i] += logits.softmax(-1).sum(dim=(0, 1))
+        out[i] /= max(r, 1) * num_heads
+    return out
