@@ -62,23 +62,22 @@ def mean_attention(
 
     Column sums of the softmax attention, accumulated over slabs of query rows, one sample at a time: a slab is
     (heads, ``block`` rows, N) float32, about 1 MB by default (``block`` None), so it stays in cache, and no
-    heads x N x N map (nor a batch of them) is ever held. Padded query rows (``query_valid`` False) are skipped,
-    not computed and then weighted by 0.
+    heads x N x N map (nor a batch of them) is ever held. Padded query rows (``query_valid`` False) weigh 0.
+    No data-dependent control flow (``torch.compile`` traces it without a graph break).
     """
     b, n, _ = q.shape
     qh, kh = _heads(q, num_heads), _heads(k, num_heads)  # (B, H, N, d) views
     rows = block if block is not None else max(1, _SLAB // (num_heads * n))
+    w = None if query_valid is None else query_valid.to(torch.float32)  # (B, N) weight of each query row
     out = torch.zeros(b, n, dtype=torch.float32, device=q.device)
     for i in range(b):
-        qi, ki = qh[i], kh[i].contiguous()
-        if query_valid is not None and not bool(query_valid[i].all()):
-            qi = qi[:, query_valid[i]]
+        ki = kh[i].contiguous()
         bi = None if bias is None else bias[i].float().view(1, 1, n)
-        r = qi.shape[1]
-        for start in range(0, r, rows):
-            logits = torch.matmul(qi[:, start : start + rows], ki.transpose(-1, -2)).mul_(scale)  # (H, rows, N)
+        for start in range(0, n, rows):
+            logits = torch.matmul(qh[i, :, start : start + rows], ki.transpose(-1, -2)).mul_(scale)  # (H, r, N)
             if bi is not None:
                 logits.add_(bi)
-            out[i] += logits.softmax(-1).sum(dim=(0, 1))
-        out[i] /= max(r, 1) * num_heads
-    return out
+            att = logits.softmax(-1).sum(0)  # (r, N): summed over heads
+            out[i] += att.sum(0) if w is None else w[i, start : start + rows] @ att
+    denom = float(n) if w is None else w.sum(1, keepdim=True).clamp_min(1.0)
+    return out / denom / num_heads
