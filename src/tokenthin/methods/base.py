@@ -17,7 +17,7 @@ from. A method declares
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -58,6 +58,10 @@ class SignalSource:
 
     def lm_attention_logits(self, layer: int) -> torch.Tensor:  # (B, H, T, T) inside a language model only
         raise TokenThinError("this signal exists only inside a language model (site 'llm:k')")
+
+    def lm_attention_blocks(self, layer: int, floats: int = 1 << 20) -> Iterator[torch.Tensor]:
+        """``lm_attention_logits`` a few heads at a time, (B, h, T, T) blocks of about ``floats`` values."""
+        yield self.lm_attention_logits(layer)
 
 
 @dataclass

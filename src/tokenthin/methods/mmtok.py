@@ -46,7 +46,12 @@ def _nonneg(v: Any) -> str | None:
 def coverage_block(ref: torch.Tensor, ref_valid: torch.Tensor, x: torch.Tensor, cand: torch.Tensor, t: float):
     """(B, M, N) MMTok similarity of references ``ref`` (B, M, D) to tokens ``x`` (B, N, D): cosine / t,
     softmax over the candidate tokens, divided by the number of valid references; invalid rows are 0."""
-    logits = per_sample_matmul(normalize(ref), normalize(x)).div_(t)
+    return _block(normalize(ref), ref_valid, normalize(x), cand, t)
+
+
+def _block(rn: torch.Tensor, ref_valid: torch.Tensor, xn: torch.Tensor, cand: torch.Tensor, t: float):
+    """:func:`coverage_block` on L2-normalised references and tokens."""
+    logits = per_sample_matmul(rn, xn).div_(t)
     logits.masked_fill_(~cand.unsqueeze(1), float("-inf"))
     block = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     n_ref = ref_valid.sum(1).clamp_min(1).to(block.dtype)
@@ -73,7 +78,8 @@ class MMTok(Method):
         k = uniform_keep(keep, self.name)
         cand = inp.candidates
         words, words_valid = inp.prompt_text(self.name)
-        text = coverage_block(words, words_valid, inp.x, cand, self.p["text_temperature"])
-        vision = coverage_block(inp.x, cand, inp.x, cand, self.p["vision_temperature"])
+        xn = normalize(inp.x)  # once for both blocks
+        text = _block(normalize(words), words_valid, xn, cand, self.p["text_temperature"])
+        vision = _block(xn, cand, xn, cand, self.p["vision_temperature"])
         cover = torch.cat([text, vision.mul_(self.p["alpha"])], dim=1)
         return keep_indices(inp, greedy_max_coverage(cover, k, cand)), None
