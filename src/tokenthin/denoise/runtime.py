@@ -5,7 +5,8 @@ Per denoiser call (the root's pre-hook opens it): each chosen block's pre-hook p
 block's input tokens (the method's plan, :mod:`tokenthin.ops.assign`); the pre-hook of a chosen part's first
 ``enter`` module merges that module's input (later ``enter`` modules reuse the merged tensor when they receive the
 same input), the hook on its ``exit`` module unmerges the output (every token gets its slot's value), and the
-block's post-hook forgets the assignment. A block that merges nothing (``int(N * ratio) == 0``) is left alone.
+block's post-hook forgets the assignment. A block that merges nothing (``int(N * ratio) == 0``), or too little to
+pay for planning the merge (:mod:`tokenthin.denoise.cost`), is left alone.
 Removing the hooks restores the model exactly. Nothing survives a call but the :class:`DenoiseInfo` summary.
 """
 
@@ -24,6 +25,7 @@ from ..methods.base import Method, ReduceInput
 from ..ops import assign
 from ..runtime.block import BlockSignals
 from ..runtime.state import _sync
+from . import cost, fast
 from .state import BlockMerge, BlockOptions, DenoiseCall, DenoiseInfo
 
 
@@ -126,8 +128,8 @@ class DenoiserRuntime:
         st.blocks.append(i)
         st.grids.append(grid)
         st.tokens_in.append(n)
-        if r <= 0:
-            st.tokens.append(n)
+        if not cost.worth_merging(n, r, x.shape[-1], self.options.parts, "keys" in self.method.signals):
+            st.tokens.append(n)  # nothing to merge, or too little to pay for the planning (denoise/cost.py)
             return None
         ones = torch.ones(b, n, dtype=torch.float32, device=x.device)
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
@@ -156,7 +158,7 @@ class DenoiserRuntime:
         st.tokens.append(a.n_out)
         if a.n_out == n:
             return None
-        return BlockMerge(a=a, source=source, n=n, ones=ones)
+        return BlockMerge(a=a, source=source, n=n, ones=ones, rows=fast.plan(a, source))
 
     # ----- parts -----
     def _make_enter(self, i: int, role: str, first: bool):
@@ -177,7 +179,7 @@ class DenoiserRuntime:
                     f"{merge.n} tokens (forward chunking?); disable it or skip the part"
                 )
             t0 = self._tic(t)
-            xm, _ = assign.merge(t, merge.ones, merge.a)
+            xm = fast.merge(t, merge.rows) if merge.rows is not None else fast.general_merge(t, merge.ones, merge.a)
             self._toc(t, t0)
             merge.memo[role] = (t, xm)
             return a.with_layer_input(args, kwargs, xm)
@@ -194,7 +196,7 @@ class DenoiserRuntime:
                 return None
             y = a.layer_output(out)
             t0 = self._tic(y)
-            full = assign.unmerge(y, merge.source)
+            full = fast.unmerge(y, merge.rows) if merge.rows is not None else assign.unmerge(y, merge.source)
             self._toc(y, t0)
             merge.done.add(role)
             del merge.memo[role]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.assign import Assignment
+from .fast import RowMerge
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class BlockMerge:
     source: torch.Tensor  # (B, N) each token -> its slot
     n: int  # tokens entering the block
     ones: torch.Tensor  # (B, N) float32 token sizes (block-local: every token stands for itself)
+    rows: RowMerge | None = None  # the precomputed row plan (None: padding or dropped tokens, the general path)
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # role -> (input, merged)
     done: set[str] = field(default_factory=set)  # roles whose output was unmerged
 
