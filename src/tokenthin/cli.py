@@ -90,7 +90,9 @@ def bench_cmd(
         help="features | knn | saliency | cost | all (comma-separated allowed); or ocr: the real latex-ocr model "
         "decoding rendered formulas with 75/50/25/10% of its visual tokens (its own run); or text: the real "
         "all-MiniLM-L6-v2 embedding WordNet sentences with 75/50/25% of their tokens (its own run); or asr: Whisper "
-        "tiny.en transcribing the pocketsphinx clips with 75/50/25/10% of its audio tokens (its own run)",
+        "tiny.en transcribing the pocketsphinx clips with 75/50/25/10% of its audio tokens (its own run); or "
+        "diffusion: the real terrain consistency UNet's heightfields with 25/50/75% of each block's tokens merged "
+        "(its own run; PSNR / SSIM vs unreduced)",
     ),
     methods: str = typer.Option(
         "", help="comma-separated methods (default: every method); the baselines random, pool, downsample always run"
@@ -111,6 +113,7 @@ def bench_cmd(
     formulas: int = typer.Option(12, help="ocr task: how many generated formulas to decode"),
     sentences: int = typer.Option(192, help="text task: how many WordNet sentences to embed and time"),
     site: str = typer.Option("output", help="asr task: where the audio tokens are reduced (output, layers, layer:k)"),
+    samples: int = typer.Option(16, help="diffusion task: terrain samples generated per configuration"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
@@ -136,6 +139,7 @@ def bench_cmd(
         formulas=formulas,
         sentences=sentences,
         site=site,
+        samples=samples,
     )
 
 
