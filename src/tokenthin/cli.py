@@ -93,7 +93,9 @@ def bench_cmd(
         "all-MiniLM-L6-v2 embedding WordNet sentences with 75/50/25% of their tokens (its own run); or asr: Whisper "
         "tiny.en transcribing the pocketsphinx clips with 75/50/25/10% of its audio tokens (its own run); or vqa: a "
         "local VLM (--model DIR) answering --data FILE.jsonl with every method at every keep budget (its own run; "
-        "data-parallel under torchrun)",
+        "data-parallel under torchrun); or "
+        "diffusion: the real terrain consistency UNet's heightfields with 25/50/75% of each block's tokens merged "
+        "(its own run; PSNR / SSIM vs unreduced)",
     ),
     methods: str = typer.Option(
         "", help="comma-separated methods (default: every method); the baselines random, pool, downsample always run"
@@ -125,6 +127,7 @@ def bench_cmd(
     dtype: str = typer.Option(
         "auto", help="vqa task: auto (the checkpoint's own on a GPU, float32 on CPU), float16, bfloat16, float32"
     ),
+    samples: int = typer.Option(16, help="diffusion task: terrain samples generated per configuration"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
@@ -153,6 +156,7 @@ def bench_cmd(
         data=data,
         max_new_tokens=max_new_tokens,
         dtype=dtype,
+        samples=samples,
     )
 
 

@@ -96,12 +96,19 @@ def run_bench(
     data: str = "",
     max_new_tokens: int = 16,
     dtype: str = "auto",
+    samples: int = 16,
 ) -> Path | None:
     if tasks == "vqa":
         return _run_vqa(
             model, data, methods, budgets, site, batch_size, max_new_tokens, dtype, out, run, resume, seed, repeats
         )
     known = all_methods()
+    if tasks == "diffusion":
+        names = [m.strip() for m in methods.split(",") if m.strip()]
+        for m in names:
+            if m not in known:
+                raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
+        return _run_diffusion(names or None, budgets, out, run or "terrain", samples, repeats, resume, seed)
     encoder_sites = {"layers", "layer", "output", "input"}  # these tasks run vision encoders (and an encoder-decoder)
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or [
         m for m, c in known.items() if m not in BASELINES and encoder_sites & set(c.sites) and not c.needs_prompt
@@ -112,10 +119,15 @@ def run_bench(
     chosen += [b for b in BASELINES if b not in chosen]
     task_list = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(","))
     bad = [t for t in task_list if t not in (*TASKS, "ocr", "text", "asr")]
+    if "diffusion" in task_list:
+        raise typer.BadParameter(
+            "the diffusion task runs on its own model (the terrain UNet): give --task diffusion alone"
+        )
     if "vqa" in task_list:
         raise typer.BadParameter("the vqa task runs on its own (a VLM checkpoint and --data FILE.jsonl): --task vqa")
     if bad:
-        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, all, ocr, text, asr or vqa")
+        tasks_list = f"{', '.join(TASKS)}, all, ocr, text, asr, vqa or diffusion"
+        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {tasks_list}")
     if "asr" in task_list:
         if len(task_list) > 1:
             raise typer.BadParameter("the asr task runs on its own model (Whisper tiny.en): give --task asr alone")
@@ -230,6 +242,52 @@ def _run_asr(methods: list[str], budgets: str, out: str, run: str, repeats: int,
     keeps = (0.75, 0.5, 0.25, 0.1) if budgets == "0.75,0.5,0.25" else tuple(float(b) for b in budgets.split(","))
     rows = run_asr_bench(methods, keeps=keeps, site=site, repeats=max(1, repeats))
     return _write_task(Path(out) / run, "asr", format_asr_table(rows), rows)
+
+
+def _run_diffusion(
+    methods: list[str] | None, budgets: str, out: str, run: str, samples: int, repeats: int, resume: bool, seed: int
+) -> Path:
+    """The diffusion task: the real terrain consistency UNet generates ``samples`` heightfields from the package's
+    sampler inputs, unreduced and with each denoiser method (and the random / pool baselines); ``--budgets`` are
+    the ratios merged away here (default 0.25, 0.5, 0.75). Writes results.jsonl (resumable), diffusion.md,
+    summary.md, psnr_vs_time.png and terrain_ratio0.5.png."""
+    from .diffusion import (
+        BASELINES,
+        denoiser_methods,
+        format_diffusion_table,
+        plot_outputs,
+        plot_psnr_vs_time,
+        run_diffusion_bench,
+        side_by_side,
+    )
+
+    try:
+        ratios = tuple(sorted(float(b) for b in budgets.split(",")))
+    except ValueError as e:
+        raise typer.BadParameter(f"budgets must be comma-separated ratios, got '{budgets}'") from e
+    if any(not 0 <= r < 1 for r in ratios):
+        raise typer.BadParameter("every diffusion budget is a ratio merged away, in [0, 1)")
+    out_dir = Path(out) / run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultStore(out_dir / "results.jsonl")
+    if store.rows() and not resume:
+        raise typer.BadParameter(
+            f"{out_dir}/results.jsonl already has rows: pass --resume to continue it, or --run NAME"
+        )
+    from ..models.terrain import load_terrain
+
+    denoiser = load_terrain()
+    rows = run_diffusion_bench(methods, ratios, samples, max(1, repeats), seed, store=store, denoiser=denoiser)
+    table = format_diffusion_table(rows)
+    (out_dir / "summary.md").write_text(table + "\n")
+    plot_psnr_vs_time(rows, out_dir / "psnr_vs_time.png")
+    shown = [*(methods or denoiser_methods()), *BASELINES]
+    plot_outputs(
+        side_by_side(list(dict.fromkeys(shown)), 0.5, 4, seed, denoiser),
+        out_dir / "terrain_ratio0.5.png",
+        "terrain consistency UNet: unreduced vs each method at ratio 0.5 (first 4 samples)",
+    )
+    return _write_task(out_dir, "diffusion", table, rows)
 
 
 def _write_task(out_dir: Path, task: str, table: str, rows: list[dict]) -> Path:

@@ -7,7 +7,8 @@ block's input tokens (the method's plan, :mod:`tokenthin.ops.assign`); the pre-h
 same input), the hook on its ``exit`` module unmerges the output (every token gets its slot's value), and the
 block's post-hook forgets the assignment. Where the parts see a joint sequence (the adapter's ``block_prefix``:
 text tokens first), only the image tokens after the prefix are merged and unmerged. A block that merges nothing
-(``int(N * ratio) == 0``) is left alone.
+(``int(N * ratio) == 0``), or too little to pay for planning the merge (:mod:`tokenthin.denoise.cost`), is left
+alone.
 Removing the hooks restores the model exactly. Nothing survives a call but the :class:`DenoiseInfo` summary (and,
 in soft mode with ``reuse_steps > 1``, the reused plans, owned by this runtime and dropped by ``detach()``).
 
@@ -37,6 +38,7 @@ from ..ops import assign, soft
 from ..ops.soft import SoftPlan
 from ..runtime.block import BlockSignals
 from ..runtime.state import _sync
+from . import cost, fast
 from .state import BlockMerge, BlockOptions, DenoiseCall, DenoiseInfo
 
 
@@ -52,6 +54,8 @@ class DenoiserRuntime:
         self.overhead_s = 0.0
         self._st: DenoiseCall | None = None
         self._calls = 0  # denoiser calls opened (soft-plan reuse counts them)
+        # the default (mean) merge takes the precomputed row path; a method's own merge (ToFu's MLERP) does not
+        self._mean_merge = type(method).block_merge is Method.block_merge
         self._soft_cache: dict[int, tuple[int, tuple, SoftPlan]] = {}  # block -> (call planned, input key, plan)
 
     # ----- hook management -----
@@ -155,8 +159,8 @@ class DenoiserRuntime:
         st.blocks.append(i)
         st.grids.append(grid)
         st.tokens_in.append(n)
-        if r <= 0:
-            st.tokens.append(n)
+        if not cost.worth_merging(n, r, x.shape[-1], self.options.parts, "keys" in self.method.signals):
+            st.tokens.append(n)  # nothing to merge, or too little to pay for the planning (denoise/cost.py)
             return None
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
         inp = ReduceInput(
@@ -193,7 +197,7 @@ class DenoiserRuntime:
         st.tokens.append(a.n_out)
         if a.n_out == n:
             return None
-        return BlockMerge(n=n, a=a, source=source)
+        return BlockMerge(n=n, a=a, source=source, rows=fast.plan(a, source) if self._mean_merge else None)
 
     def _soft(self, i: int, inp: ReduceInput, keep_n: torch.Tensor) -> SoftPlan:
         """Block i's soft plan: reused from an earlier call while ``reuse_steps`` allows, else planned now."""
@@ -251,7 +255,12 @@ class DenoiserRuntime:
             t0 = self._tic(y)
             p = merge.prefix
             yi = y[:, p:] if p else y
-            full = soft.unmerge(yi, merge.soft) if merge.soft is not None else assign.unmerge(yi, merge.source)
+            if merge.soft is not None:
+                full = soft.unmerge(yi, merge.soft)
+            elif merge.rows is not None:
+                full = fast.unmerge(yi, merge.rows)
+            else:
+                full = assign.unmerge(yi, merge.source)
             if p:
                 full = torch.cat([y[:, :p], full], dim=1)
             self._toc(y, t0)
@@ -271,6 +280,8 @@ class DenoiserRuntime:
     def _merge(self, i: int, t: torch.Tensor, merge: BlockMerge) -> torch.Tensor:
         if merge.soft is not None:
             return soft.merge(t, merge.soft)
+        if merge.rows is not None:  # the mean merge, precomputed per block call (denoise/fast.py)
+            return fast.merge(t, merge.rows)
         assert merge.a is not None
         with torch.no_grad():
             return self.method.block_merge(t, merge.a, i, len(self.adapter.blocks))

@@ -8,6 +8,7 @@ import torch
 
 from ..ops.assign import Assignment
 from ..ops.soft import SoftPlan
+from .fast import RowMerge
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class BlockMerge:
     source: torch.Tensor | None = None  # (B, N) each token -> its slot
     soft: SoftPlan | None = None
     prefix: int = 0  # tokens before the image tokens in the parts' sequences (the adapter's block_prefix)
+    rows: RowMerge | None = None  # the precomputed row plan (None: padding or dropped tokens, the general path)
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # role -> (input, merged)
     done: set[str] = field(default_factory=set)  # roles whose output was unmerged
 

@@ -39,6 +39,7 @@ import struct
 import torch
 
 from ..errors import TokenThinError
+from ..ops import assign
 from .base import Method, Param, Plan, ReduceInput, register, uniform_keep
 
 
@@ -131,13 +132,14 @@ class ToMeSD(Method):
         order = torch.argsort((~dst).to(torch.int8), dim=1, stable=True)  # destinations | sources, raster order
         d_idx, s_idx = order[:, :nd], order[:, nd:]
         r = min(n - uniform_keep(keep, self.name), n - nd)
-        metric = inp.keys().to(torch.promote_types(inp.x.dtype, torch.float32))
-        metric = metric / metric.norm(dim=-1, keepdim=True)
-        pick = torch.gather
-        c = metric.shape[-1]
-        a = pick(metric, 1, s_idx.unsqueeze(-1).expand(b, n - nd, c))
-        d = pick(metric, 1, d_idx.unsqueeze(-1).expand(b, nd, c))
-        best, best_j = (a @ d.transpose(1, 2)).max(dim=-1)  # each source's strongest destination
+        metric = inp.keys()
+        acc = torch.promote_types(metric.dtype, torch.float32)
+        a, d = (
+            assign.rows(metric, s_idx).to(acc),
+            assign.rows(metric, d_idx).to(acc),
+        )  # whole-row copies, then normalised
+        a, d = a.div_(a.norm(dim=-1, keepdim=True)), d.div_(d.norm(dim=-1, keepdim=True))
+        best, best_j = torch.bmm(a, d.transpose(1, 2)).max(dim=-1)  # each source's strongest destination
         edge = torch.argsort(best, dim=1, descending=True, stable=True)[:, :r]  # the r merged sources
         merged = s_idx.gather(1, edge)
         into = d_idx.gather(1, best_j.gather(1, edge))
