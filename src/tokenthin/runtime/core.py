@@ -47,6 +47,8 @@ class Runtime:
         self.model, self.adapter, self.method, self.schedule = model, adapter, method, schedule
         self.planner = planner
         self._plans: dict[tuple, Schedule] = {}
+        if planner is not None:  # the default input's plan is known already (and a compiled trace need not plan)
+            self._plans[self._plan_key(adapter.default_layout)] = schedule
         self.unmerge = unmerge
         self.prop_attn = prop_attn
         self.handles: list[Any] = []
@@ -99,11 +101,15 @@ class Runtime:
         when every output token is a plain, valid one (or the output was unmerged to the full grid)."""
         return self._out_bias
 
+    @staticmethod
+    def _plan_key(layout: Layout) -> tuple:
+        return (layout.protected, layout.grid, layout.frames)
+
     def plan_for(self, layout: Layout) -> Schedule:
         """The schedule for an input of this layout (cached by shape)."""
         if self.planner is None:
             return self.schedule
-        key = (layout.protected, layout.grid, layout.frames)
+        key = self._plan_key(layout)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self.planner(layout)
