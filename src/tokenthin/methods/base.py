@@ -84,7 +84,9 @@ class ReduceInput:
     * ``text`` / ``text_valid``: (B, L, D) and (B, L) bool, the prompt's text-token embeddings (every non-image
       token of the sample's own prompt) as the language model reads them at this point;
     * ``tower_slot``: (B, N) long, on a host whose vision tower reduced already (sites ``layers`` / ``layer:k`` of a
-      vision-language model): the tower slot each visual token belongs to (-1: dropped there).
+      vision-language model): the tower slot each visual token belongs to (-1: dropped there);
+    * ``fixed``: the fixed-count case (every sample has the same tokens, no padding, as ``torch.compile`` needs):
+      the candidate count of every sample, known from the shapes. The runtime then passes ``keep`` as an int.
     * ``step``: (B,) float64 on CPU, on a denoiser: each sample's timestep value in this call (methods seed their
       randomness from it, so that a sample's plan does not depend on the batch it is in).
     """
@@ -109,6 +111,7 @@ class ReduceInput:
     text_valid: torch.Tensor | None = None
     tower_slot: torch.Tensor | None = None
     step: torch.Tensor | None = None
+    fixed: int | None = None  # candidate tokens of every sample, where known from the shapes (no padding)
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.valid, self.num_protected)
@@ -236,9 +239,19 @@ class Method:
         """Encoder layers whose queries/keys this method reads for a reduction after ``point_layer``."""
         return [point_layer]
 
-    def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
-        """Plan the reduction at one point. ``keep`` (B,): candidate tokens each sample keeps."""
+    def reduce(self, inp: ReduceInput, keep: torch.Tensor | int) -> Plan:
+        """Plan the reduction at one point. ``keep`` (B,): candidate tokens each sample keeps; an int where every
+        sample keeps the same count and it is known from the shapes (``inp.fixed`` set: no padding). In that case
+        the plan must keep exactly :meth:`output_count` candidates per sample, read no count back from the data
+        (``int(tensor)``, ``.item()``, ``.tolist()``, ``nonzero``) and make no data-dependent branch, so that
+        ``torch.compile`` traces it without a graph break; :func:`uniform_keep` accepts both forms."""
         raise NotImplementedError
+
+    def output_count(self, keep: int, inp: ReduceInput) -> int:
+        """Candidates a fixed-count plan keeps when asked to keep ``keep`` (default: exactly ``keep``; a method
+        that keeps fewer, such as grid pooling to a whole grid, says how many). The runtime sizes its output from
+        this without reading the plan back; eager mode checks it against the plan."""
+        return keep
 
     # ----- denoiser hooks (tokenthin.denoise; the defaults suit every assignment method) -----
     def block_ratio(self) -> float | None:
@@ -300,8 +313,11 @@ def all_methods() -> dict[str, type[Method]]:
 # ----- small shared helpers for method files -----
 
 
-def uniform_keep(keep: torch.Tensor, method: str) -> int:
-    """Selection methods need one k for the whole batch; samples differ only after a dynamic reduction."""
+def uniform_keep(keep: torch.Tensor | int, method: str) -> int:
+    """Selection methods need one k for the whole batch; samples differ only after a dynamic reduction. An int
+    ``keep`` (the fixed-count case) is returned as it is, with no read-back of the data."""
+    if isinstance(keep, int):
+        return keep
     k = int(keep.min())
     if int(keep.max()) != k:
         raise BudgetError(

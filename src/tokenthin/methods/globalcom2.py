@@ -62,7 +62,8 @@ import torch.nn.functional as F
 
 from ..errors import TokenThinError
 from ..ops.groups import apportion, rank_in_groups
-from .base import Method, OrderedPlan, Param, Plan, ReduceInput, register, uniform_keep
+from ..ops.select import topk_by_score
+from .base import Method, OrderedPlan, Param, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 
 def _positive(v: Any) -> str | None:
@@ -186,6 +187,8 @@ class GlobalCom2(Method):
             raise TokenThinError("'globalcom2' needs the [CLS] attention of the unreduced tokens (site 'output')")
         if self.p["official"]:
             return self._official(inp, k, att)
+        if inp.view is None and inp.fixed is not None:  # an encoder, no padding: one thumbnail, no crops
+            return keep_indices(inp, topk_by_score(att, k, cand)), None  # what the general path gives, traceable
         view = inp.view
         view = torch.zeros_like(cand, dtype=torch.long) if view is None else view.long()
         view = view.masked_fill(~cand, -1)

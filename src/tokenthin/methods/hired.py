@@ -90,7 +90,8 @@ def patch_grid(inp: ReduceInput, name: str) -> tuple[int, int]:
     """(h, w) of the sample's image, checking that the candidates are exactly its full patch grid, row-major."""
     h, w = inp.grid
     n = inp.valid.shape[1] - inp.num_protected
-    if not inp.pristine or h * w == 0 or h * w != n or not bool(inp.valid.all()):
+    all_valid = inp.fixed is not None or bool(inp.valid.all())  # fixed count: no padding, known from the shapes
+    if not inp.pristine or h * w == 0 or h * w != n or not all_valid:
         raise TokenThinError(
             f"'{name}' needs every sample's tokens to be one image's full patch grid ({n} tokens for grid {h}x{w}): "
             "it works on one image per prompt (LLaVA) and on ViT encoders before any other reduction, not on "
@@ -165,7 +166,7 @@ class HiRED(Method):
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
         view = inp.view
-        if view is not None and bool((view > 0).any()):
+        if view is not None and bool((view > 0).any()):  # (encoder hosts have no views: no read-back there)
             return self._anyres(inp, k, view)
         h, w = patch_grid(inp, self.name)
         g = self.p["partitions"]

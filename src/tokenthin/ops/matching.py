@@ -40,7 +40,7 @@ def edge_scores(
     else:
         bi = torch.arange(m.shape[0], device=m.device).unsqueeze(1)
         scores = m[bi, a_idx] @ m[bi, b_idx].transpose(-1, -2)
-    if not bool(b_ok.all()):
+    if torch.compiler.is_compiling() or not bool(b_ok.all()):  # no data-dependent branch inside a trace
         scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
     best, best_j = scores.max(dim=-1)
     best = best.masked_fill(~a_ok, -torch.inf)
@@ -96,28 +96,47 @@ def match(
 def merge_in_rounds(
     valid: torch.Tensor,
     candidates: torch.Tensor,
-    r: torch.Tensor,
-    one_round: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    r: torch.Tensor | int,
+    one_round: Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    count: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``r`` (B,) tokens per sample with a matching that merges at most half of its candidates per round.
 
     ``one_round(cur, step, alive)`` merges ``step`` (B,) of the candidates ``cur`` (B, N) (``alive``: every token
     not merged yet) and returns (keep, target) on the original token indices. The rounds are composed into one
     plan: each merged token's target is its final surviving representative.
+
+    ``count``: the fixed-count case, every sample has ``count`` candidates and merges the int ``r``; each round
+    then merges ``min(r, count // 2)`` (a matching merges exactly that many when every candidate has a finite
+    similarity), planned in Python ints with no read-back of the data.
     """
     b, n = candidates.shape
     owner = torch.arange(n, device=candidates.device).expand(b, n).clone()  # token -> its representative
     alive = valid.clone()
-    r = r.clone()
-    while int(r.max()) > 0:
-        cur = candidates & alive
-        step = torch.minimum(r, cur.sum(1) // 2)
-        if int(step.max()) == 0:
-            break
-        keep_s, target_s = one_round(cur, step, alive)
+
+    def apply(cur: torch.Tensor, keep_s: torch.Tensor, target_s: torch.Tensor | None) -> None:
+        nonlocal owner, alive
         assert target_s is not None
         gone = cur & ~keep_s
         owner = torch.where(gone.gather(1, owner), target_s.gather(1, owner), owner)
-        alive &= ~gone
-        r = r - step
+        alive = alive & ~gone
+
+    if count is not None:
+        assert isinstance(r, int)
+        left, c = r, count
+        while left > 0 and c // 2 > 0:
+            step = min(left, c // 2)
+            cur = candidates & alive
+            apply(cur, *one_round(cur, step, alive))
+            left, c = left - step, c - step
+    else:
+        assert isinstance(r, torch.Tensor)
+        r = r.clone()
+        while int(r.max()) > 0:
+            cur = candidates & alive
+            step = torch.minimum(r, cur.sum(1) // 2)
+            if int(step.max()) == 0:
+                break
+            apply(cur, *one_round(cur, step, alive))
+            r = r - step
     return alive, torch.where(alive | ~valid, torch.full_like(owner, -1), owner)

@@ -75,7 +75,7 @@ def check_k(candidates: torch.Tensor, k: int) -> int:
         ) from None
     if k < 0:
         raise BudgetError(f"k={k} is negative; pass a keep count k >= 0.")
-    if k == 0 or candidates.shape[0] == 0:
+    if k == 0 or candidates.shape[0] == 0 or torch.compiler.is_compiling():  # a trace reads no counts back
         return k
     counts = candidates.sum(dim=1)
     smallest = int(counts.min())

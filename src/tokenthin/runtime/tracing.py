@@ -1,0 +1,36 @@
+"""torch.compile support of the encoder runtime.
+
+In the fixed-count case (no padding, a method that keeps the same count in every sample) every reduction is planned
+from the shapes alone, so ``torch.compile(model)`` traces the whole reduced forward as one graph. A reduction with
+data-dependent shapes (a dynamic method such as dtome, a padded input) needs graph breaks inside the per-layer hooks,
+which are only safe when dynamo guards module hooks; otherwise it is refused here with a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedModelError
+
+_HOOK_GUARDS = "torch._dynamo.config.skip_nnmodule_hook_guards = False"
+
+
+@torch.compiler.disable(reason=f"tokenthin: this reduction graph-breaks; compile with {_HOOK_GUARDS} or run eagerly")
+def _refuse_compiled(method: str, why: str) -> None:
+    """Raised from inside a ``torch.compile`` trace (the check runs at trace time, see :func:`check_traceable`);
+    excluded from the trace, so the error reaches the caller at run time instead of being swallowed by the
+    compiler's fallback to eager."""
+    raise UnsupportedModelError(
+        f"tokenthin: method '{method}': {why}; torch.compile cannot trace that whole, and the graph breaks it needs "
+        f"inside the per-layer hooks are only safe when dynamo guards module hooks. Set {_HOOK_GUARDS} before "
+        "compiling (it then runs with graph breaks, exactly), run the model uncompiled, or use a fixed-count method "
+        "(e.g. 'tome' with flops=) on unpadded inputs, which compiles whole"
+    )
+
+
+def check_traceable(method: str, why: str) -> None:
+    """At trace time: a reduction with data-dependent shapes is about to be traced. Dynamo does not guard module
+    hooks by default, so once the graph breaks, the compiled code of one layer (guarded by type, not identity) can
+    run another layer's hooks: refuse unless hook guards are on."""
+    if torch._dynamo.config.skip_nnmodule_hook_guards:
+        _refuse_compiled(method, why)
