@@ -9,7 +9,9 @@ method without a ``ratio`` parameter), one denoiser call (one sampling step, the
   configuration once, in an order rotated every round (drift hits all alike);
 * peak memory: activation memory of one call (:mod:`tokenthin.bench.memory`: CUDA's allocator peak, on CPU every
   tensor storage made inside the call), reduced and unreduced, and their ratio;
-* own share: tokenthin's planning, merging and unmerging as a share of the reduced call's time.
+* own share: tokenthin's planning, merging and unmerging as a share of the reduced call's time;
+* level-0 self-attention share: the unreduced call's time inside the self-attention modules of the blocks tomesd
+  merges by default (level 0): with only self-attention merged, the most a method can save (the ceiling).
 
 Shapes (random weights, fixed seeds; ``--quick`` runs tiny versions of each, for the test):
 
@@ -211,7 +213,12 @@ def _timer(blocks: list[nn.Module], acc: list[float]) -> list[Any]:
 
 
 def measure(
-    model: nn.Module, kw: dict[str, Any], configs: list[tuple[str, float]], repeats: int, slow: list[nn.Module]
+    model: nn.Module,
+    kw: dict[str, Any],
+    configs: list[tuple[str, float]],
+    repeats: int,
+    slow: list[nn.Module],
+    attn: list[nn.Module],
 ):
     """Interleaved per-call times (unreduced and each config), then peak memory and own share of each config."""
 
@@ -219,9 +226,9 @@ def measure(
         with torch.inference_mode():
             model(**kw)
 
-    def one(cfg: tuple[str, float] | None) -> tuple[float, float]:
-        acc = [0.0]
-        hooks = _timer(slow, acc)
+    def one(cfg: tuple[str, float] | None) -> tuple[float, float, float]:
+        acc, att = [0.0], [0.0]
+        hooks = _timer(slow, acc) + _timer(attn, att)
         try:
             if cfg is not None:
                 tokenthin.apply(model, cfg[0], **budget(*cfg))
@@ -233,12 +240,12 @@ def measure(
                 tokenthin.remove(model)
             for h in hooks:
                 h.remove()
-        return dt, acc[0]
+        return dt, acc[0], att[0]
 
     order: list[tuple[str, float] | None] = [None, *configs]
     for cfg in order:  # warm-up
         one(cfg)
-    times: dict[Any, list[tuple[float, float]]] = {c: [] for c in order}
+    times: dict[Any, list[tuple[float, float, float]]] = {c: [] for c in order}
     for r in range(repeats):
         k = r % len(order)
         for cfg in order[k:] + order[:k]:
@@ -247,7 +254,7 @@ def measure(
         call()
     full_mb = m["mb"] or 0.0
     out = []
-    med = {c: (statistics.median(t for t, _ in v), statistics.median(s for _, s in v)) for c, v in times.items()}
+    med = {c: tuple(statistics.median(t[j] for t in v) for j in range(3)) for c, v in times.items()}
     for cfg in configs:
         tokenthin.apply(model, cfg[0], **budget(*cfg))
         rt = tokenthin.api.runtime_of(model)
@@ -270,6 +277,9 @@ def measure(
                 "time_ratio": med[cfg][0] / med[None][0],
                 "round_ratios": [a[0] / b[0] for a, b in zip(times[cfg], times[None], strict=True)],
                 "unmerged_blocks_s": (med[None][1], med[cfg][1]),
+                # the self-attention modules of the blocks tomesd merges by default (level 0), unreduced and reduced
+                "level0_attention_s": (med[None][2], med[cfg][2]),
+                "level0_attention_share": med[None][2] / med[None][0],
                 "peak_full_mb": full_mb,
                 "peak_reduced_mb": m["mb"] or 0.0,
                 "memory_ratio": (m["mb"] or 0.0) / max(full_mb, 1e-9),
@@ -299,12 +309,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for m in sorted(set(methods) - set(usable)):
             print(f"{shape}: {m} skipped ({tokenthin.support(m, adapter.name)})", flush=True)
         slow = [b.module for b in adapter.blocks if b.level >= 1] if shape == "sdxl" else []
+        attn = [b.parts["attn"].attention for b in adapter.blocks if b.level == 0 and "attn" in b.parts]
+        attn = [m for m in attn if m is not None]
         for proc in [p for p in args.processors.split(",") if p]:
             set_processors(model, proc)
             configs = [(m, r) for m in usable for r in (ratios if proc == "sdpa" else args.eager_ratios or ratios)]
             configs = [c for c in configs if _takes(*c)]  # ToDo: only the ratios its factor gives
             print(f"{shape} / {proc}: {len(configs)} configurations x {args.repeats} rounds ...", flush=True)
-            for row in measure(model, kw, configs, args.repeats, slow):
+            for row in measure(model, kw, configs, args.repeats, slow, attn):
                 row.update(shape=shape, title=title, processor=proc, scaled=scaled)
                 if slow:  # SDXL: level 1 (32x32 tokens, never merged at max_downsample=1) scaled to depth 10
                     k = 10 / args.sdxl_depth - 1
@@ -320,18 +332,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def format_row(r: dict[str, Any]) -> str:
     if "skipped" in r:
-        return f"| {r['title']} | - | - | - | skipped: {r['skipped']} | | | | |"
+        return f"| {r['title']} | - | - | - | skipped: {r['skipped']} | | | | | |"
     ext = f" ({r['time_ratio_extrapolated']:.2f} extrapolated)" if "time_ratio_extrapolated" in r else ""
     return (
         f"| {r['title']} | {r['processor']} | {r['method']} | {r['ratio']:.2f} | {r['time_ratio']:.2f}{ext} | "
         f"{r['time_full_s']:.2f} s | {1 / r['time_ratio']:.2f}x | {r['memory_ratio']:.2f} "
-        f"({r['peak_full_mb']:.0f} MB full) | {100 * r['own_share']:.1f}% |"
+        f"({r['peak_full_mb']:.0f} MB full) | {100 * r['own_share']:.1f}% | {100 * r['level0_attention_share']:.0f}% |"
     )
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = "| shape | attention | method | ratio | time ratio | full step | speed-up | peak memory ratio | own time |"
-    return "\n".join([head, "|---|---|---|---|---|---|---|---|---|", *(format_row(r) for r in rows)])
+    head += " level-0 self-attention share |"
+    return "\n".join([head, "|---|---|---|---|---|---|---|---|---|---|", *(format_row(r) for r in rows)])
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
