@@ -71,7 +71,8 @@ def stage_timers(acc: dict[str, list[float]], method: Any) -> None:
             try:
                 return fn(*a, **k)
             finally:
-                acc[name][-1] += time.perf_counter() - t0
+                if acc[name]:  # not during the warm-up
+                    acc[name][-1] += time.perf_counter() - t0
 
         return wrapper
 

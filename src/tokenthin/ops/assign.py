@@ -48,18 +48,6 @@ class Assignment:
     max_moving: int | None = None  # an upper bound on the moving tokens of a sample (None: count them)
 
 
-def _compact(mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of the True entries of each row of ``mask`` (B, N), in order, padded to ``width`` columns:
-    (index (B, width), present (B, width)). Linear time (a cumulative sum and one scatter), static shapes."""
-    b, n = mask.shape
-    pos = mask.long().cumsum(1) - 1
-    col = torch.where(mask, pos, torch.full_like(pos, width)).clamp(max=width)  # overflow column for the rest
-    buf = torch.zeros(b, width + 1, dtype=torch.long, device=mask.device)
-    buf.scatter_(1, col, torch.arange(n, device=mask.device).expand(b, n))
-    present = torch.arange(width, device=mask.device).unsqueeze(0) < mask.sum(1, keepdim=True)
-    return buf[:, :width], present
-
-
 def build(keep: torch.Tensor, target: torch.Tensor | None = None, n_out: int | None = None) -> Assignment:
     """Build the slot map from a keep mask and merge targets (see module docstring).
 
@@ -124,36 +112,57 @@ def rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * n, d).index_select(0, flat).view(b, idx.shape[1], d)
 
 
+def _moving(a: Assignment, size: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The moving tokens as flat row indices: (into the current tokens (M,), into the slots (M,), their sizes (M,)).
+    Eager mode lists exactly the moving tokens (``nonzero``); inside a ``torch.compile`` trace, where shapes may not
+    depend on the data, every sample lists ``max_moving`` entries (moving tokens first, in token order, by a stable
+    sort), and the rest point at the spare slot row ``B * n_out`` with size 0. Both keep the order (sample, token),
+    so every slot sums its tokens in the same order and eager and compiled results agree."""
+    assert a.moving is not None
+    b, k = a.dst.shape[0], a.n_out
+    if torch.compiler.is_compiling() and a.max_moving is not None:
+        idx = torch.argsort((~a.moving).to(torch.int8), dim=1, stable=True)[:, : a.max_moving]  # (B, m)
+        present = a.moving.gather(1, idx)
+        off = torch.arange(b, device=idx.device).unsqueeze(1)
+        src = (idx + off * n).reshape(-1)
+        dst = torch.where(present, a.dst.gather(1, idx) + off * k, b * k).reshape(-1)
+        return src, dst, (size.gather(1, idx) * present).reshape(-1)
+    src = a.moving.reshape(-1).nonzero().squeeze(1)  # flat (sample, token) index of every moving token
+    dst = torch.div(src, n, rounding_mode="floor") * k + a.dst.reshape(-1).index_select(0, src)
+    return src, dst, size.reshape(-1).index_select(0, src)
+
+
 def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply an assignment: returns (x_out (B, n_out, D), size_out (B, n_out)).
 
     Kept rows are copied exactly; a slot that receives merged tokens becomes the size-weighted mean of its tokens,
-    accumulated in at least float32, and only the rows of moving tokens and their slots are computed. Padded slots
-    (beyond a sample's count) are zero with size 0. Shapes depend on the data only where the plan's
-    ``max_moving`` is unknown (then the moving tokens are counted).
+    ``x_s * own_s / total + sum_j x_j * w_j / total``, accumulated in at least float32, on the receiving rows of the
+    copy only (half inputs: in a float32 buffer). Padded slots (beyond a sample's count) are zero with size 0.
+    Nothing is read back from the data inside a ``torch.compile`` trace.
     """
-    b, _, d = x.shape
-    out = rows(x, a.slot_src)
-    own = size.gather(1, a.slot_src)
-    size_out = own
-    if a.merges:
-        assert a.moving is not None
-        acc_t = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in float32
-        m = a.max_moving if a.max_moving is not None else int(a.moving.sum(1).max())
-        src, present = _compact(a.moving, m)  # (B, m) the moving tokens of each sample, padded
-        slot = a.dst.gather(1, src).clamp(min=0)  # their slots (padding entries: slot 0, weight 0)
-        w = size.gather(1, src).to(acc_t) * present  # (B, m)
-        flat = (slot + torch.arange(b, device=x.device).unsqueeze(1) * a.n_out).reshape(-1)
-        own_flat = own.reshape(-1).to(acc_t)
-        total = own_flat.index_add(0, flat, w.reshape(-1))  # (B * n_out,) summed size of every slot
-        acc = torch.zeros(b * a.n_out, d, dtype=acc_t, device=x.device)
-        acc.index_add_(0, flat, (rows(x, src).to(acc_t) * w.unsqueeze(-1)).reshape(-1, d))
-        out_flat = out.view(b * a.n_out, d)
-        base = out_flat.index_select(0, flat).to(acc_t)  # the receiving slots' own rows (once per moving token)
-        new = (base * own_flat[flat].unsqueeze(-1) + acc.index_select(0, flat)) / total[flat].unsqueeze(-1)
-        received = (total[flat] > own_flat[flat]).unsqueeze(-1)  # padding entries leave their slot's row alone
-        out_flat.index_copy_(0, flat, torch.where(received, new.to(x.dtype), base.to(x.dtype)))
-        size_out = total.view(b, a.n_out).to(size.dtype)
+    b, n, d = x.shape
+    k = a.n_out
+    x_flat = x.reshape(b * n, d)
+    pick = (a.slot_src + torch.arange(b, device=x.device).unsqueeze(1) * n).reshape(-1)
+    if not a.merges:
+        out, size_out = x_flat.index_select(0, pick).view(b, k, d), size.gather(1, a.slot_src)
+    else:
+        pick = torch.cat([pick, pick[:1]])  # a spare row after the slots: where a compiled plan's padding goes
+        out_flat = x_flat.index_select(0, pick)
+        acc_t = torch.promote_types(x.dtype, torch.float32)
+        own = size.reshape(-1).index_select(0, pick).to(acc_t)
+        src, dst, w = _moving(a, size, n)
+        w = w.to(acc_t)
+        total = own.index_add(0, dst, w)  # (B * n_out + 1,) summed size of every slot
+        inv = 1.0 / total.index_select(0, dst).unsqueeze(-1)
+        moved = x_flat.index_select(0, src).to(acc_t) * (w.unsqueeze(-1) * inv)
+        base = out_flat.index_select(0, dst).to(acc_t) * (own.index_select(0, dst).unsqueeze(-1) * inv)
+        if x.dtype == acc_t:  # in place on the receiving rows: own share first, then every moving token's
+            out_flat.index_copy_(0, dst, base).index_add_(0, dst, moved)
+        else:  # half: the sums in float32
+            acc = torch.zeros(b * k + 1, d, dtype=acc_t, device=x.device).index_copy_(0, dst, base)
+            out_flat.index_copy_(0, dst, acc.index_add_(0, dst, moved).index_select(0, dst).to(x.dtype))
+        out, size_out = out_flat[: b * k].view(b, k, d), total[: b * k].view(b, k).to(size.dtype)
     if not a.uniform:
         valid = slot_valid(a)
         assert valid is not None

@@ -24,7 +24,7 @@ from ..methods.base import Method, ReduceInput, SignalSource
 from ..ops import assign
 from .block import block_merge, block_unmerge
 from .state import CallState, Source, TokenInfo, _cpu_threads, _Signals, _Sub, _sync, _trimmed, key_bias
-from .tracing import check_traceable
+from .tracing import check_traceable, one_frame
 
 Planner = Callable[[Layout], Schedule]
 
@@ -162,6 +162,7 @@ class Runtime:
             st = self._st
             if st is None:
                 return
+            one_frame(st, self.method.name)
             hs = layer_input(args, kwargs)
             st.tokens.append(hs.shape[1])
             st.layer_valid.append(st.valid)  # per-sample counts are read from it only when info() asks
@@ -189,6 +190,7 @@ class Runtime:
             with _cpu_threads(x.device, 1):
                 x_new = self._reduce(st, i, x)
             self._toc(x, t0)
+            one_frame(st, self.method.name)  # a graph break inside the reduction shows here
             return a.with_layer_output(out, x_new)
 
         return post

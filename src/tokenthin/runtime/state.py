@@ -124,6 +124,7 @@ class CallState:
     tokens: list[int] = field(default_factory=list)
     layer_valid: list[torch.Tensor | None] = field(default_factory=list)  # the valid mask entering each layer
     pristine: bool = True
+    frame: str | None = None  # under torch.compile: the compiled frame the layers' hooks run in (tracing.one_frame)
     sized: bool = False  # a merge happened (token sizes differ from 1)
     n_cur: int | None = None  # tokens after the last reduction
     block: dict[int, tuple] = field(default_factory=dict)  # site "block": layer -> (input, reduced input, source, bias)
