@@ -54,32 +54,37 @@ def _greedy_coverage_token_major(cover_t: torch.Tensor, k: int, candidates: torc
     ub.masked_fill_(~candidates, -math.inf)  # -inf: never picked (not a candidate, or picked already)
     fresh = torch.ones(B, N, dtype=torch.bool, device=dev)
     flat = cover_t.view(B * N, M)
+    base = (rows * N).unsqueeze(1)  # (B, 1): where each sample's rows start in ``flat``
     out = torch.empty(B, k, dtype=torch.long, device=dev)
 
-    def refresh(b: torch.Tensor, i: torch.Tensor) -> None:  # recompute the gains of tokens (b, i); -inf stays
-        old = ub[b, i]
-        cov = covered if B == 1 else covered.index_select(0, b).transpose(0, 1)  # (1, 1 or L, M)
-        g = _gains(flat.index_select(0, b * N + i).unsqueeze(0), cov).squeeze(0)
-        ub[b, i] = g.masked_fill_(old == -math.inf, -math.inf)
-        fresh[b, i] = True
+    def refresh(s: torch.Tensor | None, width: int) -> None:
+        """Recompute the ``width`` highest stale bounds of samples ``s`` (None: all); -inf (picked) stays."""
+        u, f = (ub, fresh) if s is None else (ub[s], fresh[s])
+        idx = u.masked_fill(f, -math.inf).topk(min(width, N), dim=1).indices  # (S, width); pads with fresh ones
+        old = u.gather(1, idx)
+        at = (base if s is None else base[s]) + idx
+        cov = covered if s is None else covered[s]
+        g = _gains(flat.index_select(0, at.view(-1)).view(idx.shape[0], -1, M), cov)  # (S, width)
+        u.scatter_(1, idx, torch.where(old == -math.inf, old, g))  # a fresh gain recomputes to itself
+        f.scatter_(1, idx, True)
+        if s is not None:
+            ub[s], fresh[s] = u, f
 
     for t in range(k):
         if t:
             fresh = ub <= 0  # a bound of 0 is exact (gains are >= 0); -inf never moves
+            refresh(None, 16)  # after a pick the top bound is almost always stale: refresh the top 16 at once
         pick = ub.argmax(dim=1)
-        todo = ~fresh.gather(1, pick.unsqueeze(1)).squeeze(1)  # (B,) samples whose argmax bound is stale
-        width = 16
-        while bool(todo.any()):
-            # refresh, in the samples that need it, the highest stale bounds: 16, then 64, 256, ... at once
-            s = rows if B == 1 else todo.nonzero().squeeze(1)
-            idx = ub[s].masked_fill_(fresh[s], -math.inf).topk(min(width, N), dim=1).indices  # (S, width)
-            refresh(s.unsqueeze(1).expand_as(idx).reshape(-1), idx.reshape(-1))
+        todo = ~fresh.gather(1, pick.unsqueeze(1)).squeeze(1)  # (B,) samples whose argmax bound is still stale
+        width = 64
+        while bool(todo.any()):  # rare: 64, then 256, 1024, ... more of the highest stale bounds
+            refresh(None if B == 1 else todo.nonzero().squeeze(1), width)
             width *= 4
             pick = ub.argmax(dim=1)
             todo = ~fresh.gather(1, pick.unsqueeze(1)).squeeze(1)
         out[:, t] = pick
-        ub[rows, pick] = -math.inf
-        covered = torch.maximum(covered, flat.index_select(0, rows * N + pick).unsqueeze(1))  # (B, 1, M)
+        ub.scatter_(1, pick.unsqueeze(1), -math.inf)
+        covered = torch.maximum(covered, flat.index_select(0, base.squeeze(1) + pick).unsqueeze(1))  # (B, 1, M)
     return ascending(out)
 
 
@@ -188,11 +193,14 @@ def coverage_greedy(
     xn = normalize(x)
     rn = xn if ref is None else normalize(ref)
     logits = per_sample_matmul(rn, xn).div_(temperature)  # (B, M, N)
-    logits.masked_fill_(~candidates.unsqueeze(1), -math.inf)
+    if not bool(candidates.all()):
+        logits.masked_fill_(~candidates.unsqueeze(1), -math.inf)
     cover = torch.softmax(logits, dim=-1)  # each reference spreads one unit over the eligible tokens
     del logits
     n_ref = ref_valid.sum(dim=1).clamp_min(1).to(torch.float32)  # (B,)
-    cover.div_(n_ref.view(B, 1, 1)).masked_fill_(~ref_valid.unsqueeze(-1), 0.0)
-    cover_t = cover.transpose(1, 2).contiguous()  # (B, N, M)
+    cover_t = torch.empty(B, x.shape[1], cover.shape[1], dtype=torch.float32, device=cover.device)  # (B, N, M)
+    torch.div(cover.transpose(1, 2), n_ref.view(B, 1, 1), out=cover_t)  # token-major in the same pass
     del cover
+    if not bool(ref_valid.all()):
+        cover_t.masked_fill_(~ref_valid.unsqueeze(1), 0.0)
     return _greedy_coverage_token_major(cover_t, k, candidates)
