@@ -200,53 +200,14 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int) -> list[dict[str
 
 
 def build_vlm(tokens: int, lm_layers: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """A LLaVA(-NeXT) host as wide as LLaVA-1.5-7B where the methods read (see the module docstring)."""
-    from transformers import CLIPVisionConfig, LlamaConfig
+    """A LLaVA(-NeXT) host as wide as LLaVA-1.5-7B where the methods read (see the module docstring): the builder
+    of benchmarks/bench_vlm.py with a CLIP-L-wide tower and a 4096-wide, 32-head language model."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_vlm import build  # benchmarks/bench_vlm.py: the LLaVA host builder
 
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=2,
-        num_attention_heads=16,
-        image_size=336,
-        patch_size=14,
-        projection_dim=768,
-    )
-    tc = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=lm_layers,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=512,
-        max_position_embeddings=4096,
-    )
-    g = torch.Generator().manual_seed(1)
-    before, after = list(range(40, 48)), list(range(50, 82))  # a 40-token prompt around the image
-    if tokens == 576:
-        from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-        cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
-        model = LlavaForConditionalGeneration(cfg).eval()
-        ids = torch.tensor([[1, *before, *([IMAGE_TOKEN] * 576), *after]])
-        return model, {"input_ids": ids, "pixel_values": torch.randn(1, 3, 336, 336, generator=g)}
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    cfg = LlavaNextConfig(
-        vision_config=vc,
-        text_config=tc,
-        image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-2,
-        image_grid_pinpoints=[[672, 672]],
-    )
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    sizes = torch.tensor([[672, 672]])
-    pv = torch.randn(1, 5, 3, 336, 336, generator=g)
-    with torch.no_grad():
-        n = model.model.get_image_features(pixel_values=pv, image_sizes=sizes, return_dict=True).pooler_output[0]
-    ids = torch.tensor([[1, *before, *([IMAGE_TOKEN] * n.shape[0]), *after]])
-    return model, {"input_ids": ids, "pixel_values": pv, "image_sizes": sizes}
+    vision = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "projection_dim": 768}
+    text = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": lm_layers}
+    return build(tokens, vision=vision, text={**text, "num_attention_heads": 32, "num_key_value_heads": 32})
 
 
 def _first_layer_clock(model: torch.nn.Module) -> tuple[list[float], Callable[[], None]]:
