@@ -60,6 +60,7 @@ except ImportError:  # running from a checkout without PYTHONPATH=src
     import tokenthin
 
 from tokenthin.adapters.registry import find_adapter
+from tokenthin.bench.diffusion import budget
 from tokenthin.bench.memory import peak_memory
 from tokenthin.errors import TokenThinError
 from tokenthin.methods.base import all_methods
@@ -176,13 +177,17 @@ SHAPES: dict[str, tuple[str, Callable[[bool, argparse.Namespace], Built]]] = {
 }
 
 
+def _takes(method: str, ratio: float) -> bool:
+    try:
+        budget(method, ratio)
+    except TokenThinError:
+        return False
+    return True
+
+
 def denoiser_methods() -> list[str]:
     """Every registered method made for denoisers (``runtimes`` include ``"denoiser"``)."""
     return [name for name, cls in all_methods().items() if "denoiser" in cls.runtimes]
-
-
-def budget(method: str, ratio: float) -> dict[str, float]:
-    return {"ratio": ratio} if "ratio" in all_methods()[method].params else {"keep": 1.0 - ratio}
 
 
 def set_processors(model: nn.Module, kind: str) -> int:
@@ -314,6 +319,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for proc in [p for p in args.processors.split(",") if p]:
             set_processors(model, proc)
             configs = [(m, r) for m in usable for r in (ratios if proc == "sdpa" else args.eager_ratios or ratios)]
+            configs = [c for c in configs if _takes(*c)]  # ToDo: only the ratios its factor gives
             print(f"{shape} / {proc}: {len(configs)} configurations x {args.repeats} rounds ...", flush=True)
             for row in measure(model, kw, configs, args.repeats, slow, attn):
                 row.update(shape=shape, title=title, processor=proc, scaled=scaled)

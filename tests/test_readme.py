@@ -32,7 +32,7 @@ def test_methods_x_hosts_table_matches_the_registries() -> None:
     text = README.read_text().split("### Methods x hosts", 1)[1].split("\n### ", 1)[0]
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     hosts = ["hf_vision", "timm_vit", "hf_text", "hf_whisper", "hf_encoder_decoder", "hf_llava", "hf_llava_next"]
-    hosts += ["hf_qwen2vl", "diffusers_unet"]
+    hosts += ["hf_qwen2vl", "diffusers_unet", "diffusers_dit", "diffusers_sd3", "diffusers_flux"]
     assert {r.split("`")[1] for r in rows} == {m["name"] for m in tokenthin.methods()}
     for r in rows:
         name = r.split("`")[1]

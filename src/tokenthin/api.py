@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import budget as _budget
-from .adapters.denoiser import denoiser_of
+from .adapters.denoiser import DenoiserAdapter, denoiser_of
 from .adapters.registry import all_adapters, find_adapter
 from .denoise import build as _build_denoiser
 from .errors import AlreadyAppliedError, InputMismatchError, NotAppliedError, TokenThinError
@@ -201,6 +201,8 @@ def support(method: str, host: str) -> str | None:
         raise TokenThinError(f"unknown host '{host}'; hosts: {', '.join(h.name for h in all_adapters())}")
     if cls.runtimes and a.kind not in cls.runtimes:
         return "/".join(sorted(cls.runtimes)) + "s only"
+    if issubclass(a, DenoiserAdapter) and cls.block_mode not in a.block_modes:
+        return f"no {cls.block_mode} mode"
     if cls.needs_prompt and a.kind != "vlm":
         return "reads a prompt"
     common = set(cls.sites) & set(a.sites)

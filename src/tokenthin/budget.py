@@ -83,6 +83,27 @@ class Schedule:
             )
         return k
 
+    def keep_fixed(self, layer: int, count: int, n_patches: int) -> int:
+        """:meth:`keep_at` for the fixed-count case: every sample has ``count`` candidates (known from the shapes,
+        no padding) and ``n_patches`` content tokens; the same checks, in Python ints only."""
+        if self.site == "layers":
+            assert self.r is not None
+            r = self.r[layer]
+            if r > count // 2:
+                raise BudgetError(
+                    f"r={r} after layer {layer} is too large for this input: {count} mergeable tokens are left there "
+                    f"(of {n_patches} in the input) and one layer merges at most half; use a smaller r, a decreasing "
+                    "schedule r=(r, -0.5), or flops= (solved for each input size)"
+                )
+            return count - r
+        k = keep_count(self.keep, n_patches)
+        if k > count:
+            raise BudgetError(
+                f"keep={self.keep} asks for {k} tokens but only {count} are left at layer {layer} for this input "
+                f"({n_patches} content tokens); use a smaller keep or a fraction"
+            )
+        return k
+
     def describe(self) -> str:
         if self.site == "layers":
             return f"site=layers r={list(self.r or ())}"

@@ -1,4 +1,5 @@
-"""Command line: ``tokenthin methods``, ``tokenthin hosts``, ``tokenthin explain``, ``tokenthin demo``."""
+"""Command line: ``tokenthin methods``, ``hosts``, ``explain``, ``demo``, ``bench``, ``flops``, ``viz``, ``tiny-vlm``,
+``eval-task``."""
 
 from __future__ import annotations
 
@@ -90,14 +91,18 @@ def bench_cmd(
         help="features | knn | saliency | cost | all (comma-separated allowed); or ocr: the real latex-ocr model "
         "decoding rendered formulas with 75/50/25/10% of its visual tokens (its own run); or text: the real "
         "all-MiniLM-L6-v2 embedding WordNet sentences with 75/50/25% of their tokens (its own run); or asr: Whisper "
-        "tiny.en transcribing the pocketsphinx clips with 75/50/25/10% of its audio tokens (its own run); or "
+        "tiny.en transcribing the pocketsphinx clips with 75/50/25/10% of its audio tokens (its own run); or vqa: a "
+        "local VLM (--model DIR) answering --data FILE.jsonl with every method at every keep budget (its own run; "
+        "data-parallel under torchrun); or "
         "diffusion: the real terrain consistency UNet's heightfields with 25/50/75% of each block's tokens merged "
         "(its own run; PSNR / SSIM vs unreduced)",
     ),
     methods: str = typer.Option(
         "", help="comma-separated methods (default: every method); the baselines random, pool, downsample always run"
     ),
-    budgets: str = typer.Option("0.75,0.5,0.25", help="FLOPs fractions of the unreduced encoder"),
+    budgets: str = typer.Option(
+        "0.75,0.5,0.25", help="FLOPs fractions of the unreduced encoder (ocr, text, asr, vqa: keep fractions / counts)"
+    ),
     batch_size: int = typer.Option(8, help="batch size for every forward and for timing"),
     images: int = typer.Option(16, help="images for features / saliency / timing"),
     images_dir: str = typer.Option("", help="a folder of your own images instead of the bundled ones"),
@@ -106,13 +111,22 @@ def bench_cmd(
     image_size: int = typer.Option(224, help="input size in pixels"),
     repeats: int = typer.Option(3, help="timed repeats (median) per configuration"),
     out: str = typer.Option("results", help="output folder; the run goes to OUT/RUN"),
-    run: str = typer.Option("", help="run name (default: model name)"),
+    run: str = typer.Option(
+        "", "--run", "--run-name", help="run name (default: model name); under torchrun write --run-name"
+    ),
     resume: bool = typer.Option(False, "--resume", help="skip rows already in OUT/RUN/results.jsonl"),
     viz: bool = typer.Option(True, help="write viz_*.png token overlays"),
     seed: int = typer.Option(0, help="random seed"),
     formulas: int = typer.Option(12, help="ocr task: how many generated formulas to decode"),
     sentences: int = typer.Option(192, help="text task: how many WordNet sentences to embed and time"),
-    site: str = typer.Option("output", help="asr task: where the audio tokens are reduced (output, layers, layer:k)"),
+    site: str = typer.Option(
+        "", help="asr task: where the audio tokens are reduced (default output); vqa: the site (default: each method's)"
+    ),
+    data: str = typer.Option("", help="vqa task: JSONL file, one {image, question, answer (optional)} per line"),
+    max_new_tokens: int = typer.Option(16, help="vqa task: tokens generated per answer (greedy)"),
+    dtype: str = typer.Option(
+        "auto", help="vqa task: auto (the checkpoint's own on a GPU, float32 on CPU), float16, bfloat16, float32"
+    ),
     samples: int = typer.Option(16, help="diffusion task: terrain samples generated per configuration"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
@@ -139,6 +153,9 @@ def bench_cmd(
         formulas=formulas,
         sentences=sentences,
         site=site,
+        data=data,
+        max_new_tokens=max_new_tokens,
+        dtype=dtype,
         samples=samples,
     )
 
@@ -182,6 +199,16 @@ def _register_viz() -> None:
 
 
 _register_viz()
+
+
+def _register_eval() -> None:
+    from .cli_eval import eval_task_cmd, tiny_vlm_cmd
+
+    app.command("tiny-vlm")(tiny_vlm_cmd)
+    app.command("eval-task")(eval_task_cmd)
+
+
+_register_eval()
 
 
 def main() -> None:

@@ -20,14 +20,25 @@ token set (a UNet's blocks at 64x64, 32x32, 16x16 ... latent grids; text tokens 
   and the output of ``exit`` is unmerged (a forward hook). For a residual block ``x + f(norm(x))`` this is
   tomesd's ``x + unmerge(f(merge(norm(x))))`` with no copied forward body and the host's attention processor
   (SDPA or eager) untouched. ``attention`` is the part's attention module (diffusers ``Attention``: ``to_q``,
-  ``to_k``, ``to_v``, ``to_out``, ``heads``) for methods that act on keys / values only (ToDo) or need the heads;
+  ``to_k``, ``to_v``, ``to_out``, ``heads``) for methods that act on keys / values only (ToDo: the runtime reduces
+  the inputs of :meth:`DenoiserAdapter.kv_inputs`, by default ``to_k`` / ``to_v``) or need the heads.
+  A block's parts are keyed by name: the role, except where a block has two parts of one role (SD3.5's second
+  self-attention, key ``"attn2"``, role ``"attn"``); a role chosen by the options selects every part that has it;
+* **joint sequences** (diffusion transformers with text and image tokens in one sequence): where a block's parts
+  see a sequence whose first :meth:`DenoiserAdapter.block_prefix` tokens are not image tokens (Flux's single-stream
+  blocks: text first), only the image tokens after that prefix are merged and unmerged, the prefix passes through;
+  :meth:`DenoiserAdapter.enter_args` may rewrite an ``enter`` module's other per-token inputs for the merged
+  tokens (Flux: the rotary embedding follows each merged slot's kept token), and
+  :meth:`DenoiserAdapter.part_seams` may add seams a part needs besides its hooks (an attention-processor wrapper),
+  each removed exactly with the rest;
 * **grids**: :meth:`DenoiserAdapter.block_grid` is the (h, w) token grid block i sees for a call, exact for odd
   latent sizes (checked against the block's actual token count).
 
 The runtime (:mod:`tokenthin.denoise`) computes one assignment per block call (from the block's input tokens, a
 method's plan as in :mod:`tokenthin.ops.assign`), merges at every chosen part's entry, unmerges at its exit, and
 forgets it when the block returns. Nothing else in the model changes. A host file implements ``detect``,
-``root``, ``blocks``, ``call_grid``, ``timestep`` and ``block_tokens``; the rest has defaults here.
+``root``, ``blocks``, ``call_grid``, ``timestep`` and ``block_tokens``; the rest (``block_prefix``,
+``enter_args``, ``part_seams``, ``block_grid``) has defaults here.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from ..errors import InputMismatchError
+from ..errors import InputMismatchError, UnsupportedModelError
 from .contract import Adapter
 
 __all__ = ["PART_ROLES", "CallGrid", "DenoiserAdapter", "DenoiserBlock", "Part", "denoiser_of"]
@@ -67,7 +78,7 @@ class DenoiserBlock:
     name: str  # the module's name in the denoiser, for explain()
     level: int  # 0: the finest token-carrying resolution; each downsampling adds 1
     downsample: int  # latent pixels per token side at this block (2 ** levels below the latent)
-    parts: Mapping[str, Part]  # role -> part, only the roles this block has
+    parts: Mapping[str, Part]  # name (the role, or e.g. "attn2" for a second part of a role) -> part
     holds: Literal["tokens", "channels"] = "tokens"  # input (B, N, C) tokens, or a (B, C, H, W) feature map
 
 
@@ -87,6 +98,10 @@ class DenoiserAdapter(Adapter):
     kind: ClassVar[str] = "denoiser"
     sites: ClassVar[frozenset[str]] = frozenset({"block"})
     signals: ClassVar[frozenset[str]] = frozenset({"keys"})
+    # the methods' block modes this host takes ("merge", "kv": reduced keys / values only, "soft": many-to-many),
+    # and why a mode is missing (support() and apply() say it)
+    block_modes: ClassVar[frozenset[str]] = frozenset({"merge", "kv", "soft"})
+    block_modes_note: ClassVar[str] = ""
     num_protected = 0  # no [CLS]: every image token may be merged
 
     root: nn.Module
@@ -110,11 +125,38 @@ class DenoiserAdapter(Adapter):
         """Block i's input hidden states as (B, N, C) tokens (the merge metric)."""
         raise NotImplementedError
 
+    def block_prefix(self, i: int, args: tuple, kwargs: dict[str, Any]) -> int:
+        """How many tokens precede block i's image tokens in the sequences its parts' ``enter`` modules receive
+        and their ``exit`` modules return (text tokens of a joint sequence; they are never merged). 0: the parts
+        see image tokens only (every UNet, DiT, PixArt, SD3 and Flux's double-stream blocks)."""
+        return 0
+
+    def enter_args(
+        self, i: int, args: tuple, kwargs: dict[str, Any], x: torch.Tensor, slots: torch.Tensor | None
+    ) -> tuple[tuple, dict[str, Any]]:
+        """An ``enter`` module's call arguments with its tokens replaced by the merged ``x`` (prefix included).
+        ``slots`` (B, N') is the block-input image token that each merged slot keeps (its representative), for
+        per-token side inputs that must follow the merge (rotary position embeddings); None for a soft plan whose
+        merged tokens are not built around one token each; default: ``x`` only."""
+        return self.with_layer_input(args, kwargs, x)
+
+    def part_seams(self, i: int, key: str, part: Part) -> list[Any]:
+        """Seams part ``key`` of block i needs besides its hooks (e.g. an attention-processor wrapper), installed
+        when the part is chosen; each returned handle's ``remove()`` restores the model exactly."""
+        return []
+
     def level(self, i: int) -> int:
         return self.blocks[i].level
 
     def parts(self, i: int) -> Mapping[str, Part]:
         return self.blocks[i].parts
+
+    def kv_inputs(self, part: Part) -> tuple[nn.Module, ...]:
+        """The modules whose first input is an attention part's key / value tokens (block mode ``"kv"``, ToDo):
+        diffusers ``Attention``'s ``to_k`` and ``to_v``, fed the same (B, N, C) tensor in self-attention."""
+        if part.attention is None:
+            raise UnsupportedModelError(f"the {part.role} part has no attention module: its keys cannot be reduced")
+        return (part.attention.to_k, part.attention.to_v)
 
     def block_grid(self, i: int, latent: tuple[int, int], n: int) -> tuple[int, int]:
         """The (h, w) token grid of block i for a latent of size ``latent`` whose input has ``n`` tokens:

@@ -326,12 +326,11 @@ class VLMAdapter(Adapter):
             return mod.apply_multimodal_rotary_pos_emb(t, t, cos, sin, sec)[0]
         return mod.apply_rotary_pos_emb(t, t, cos, sin)[0]
 
-    def lm_logits(
+    def lm_heads_qk(
         self, i: int, q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], last_only: bool
-    ) -> torch.Tensor:
-        """Attention logits (B, H, R, T) of layer i for R query rows (the last one, or all), from its captured
-        query / key projections ``q``, ``k`` (B, T, ...) and its rotary (cos, sin), scaled as the layer scales them;
-        nothing masked."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's queries (B, H, R, d) for R query rows (the last one, or all) and keys (B, H, T, d), one key
+        head per query head, as its attention sees them (rotary applied), from its captured projections."""
         b, t, _ = k.shape
         h, kv, d = self.lm_heads, self.lm_kv_heads, self.lm_head_dim
         rows = slice(t - 1, t) if last_only else slice(0, t)
@@ -340,7 +339,15 @@ class VLMAdapter(Adapter):
         cos, sin = rotary
         qh = self.rope(i, qh, cos[..., rows, :], sin[..., rows, :], "q")
         kh = self.rope(i, kh, cos, sin, "k")
-        kh = kh.repeat_interleave(h // kv, dim=1)
+        return qh, kh.repeat_interleave(h // kv, dim=1)
+
+    def lm_logits(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor], last_only: bool
+    ) -> torch.Tensor:
+        """Attention logits (B, H, R, T) of layer i for R query rows (the last one, or all), from its captured
+        query / key projections ``q``, ``k`` (B, T, ...) and its rotary (cos, sin), scaled as the layer scales them;
+        nothing masked."""
+        qh, kh = self.lm_heads_qk(i, q, k, rotary, last_only)
         return (qh.float() @ kh.float().transpose(-1, -2)) * self.lm_scale
 
     # ----- explain() -----

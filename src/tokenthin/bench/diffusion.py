@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..errors import TokenThinError
 from .store import ResultStore, config_key
 from .timing import alternate, memory_and_own
 
@@ -39,10 +40,20 @@ def denoiser_methods() -> list[str]:
 
 
 def budget(method: str, ratio: float) -> dict[str, float]:
-    """``ratio=`` for a method with that parameter (tomesd), else ``keep = 1 - ratio``."""
+    """The apply() budget removing ``ratio`` of each block's tokens: ``ratio=`` for a method with that parameter
+    (tomesd), ToDo's ``downsample_factor`` f where 1 - 1/f**2 is that ratio (0.75, 0.89, ...), else
+    ``keep = 1 - ratio``; a ratio the method cannot take raises :class:`TokenThinError`."""
     from ..methods.base import all_methods
 
-    return {"ratio": ratio} if "ratio" in all_methods()[method].params else {"keep": 1.0 - ratio}
+    params = all_methods()[method].params
+    if "ratio" in params:
+        return {"ratio": ratio}
+    if "downsample_factor" in params:  # ToDo: its factor is the budget
+        f = round((1.0 / (1.0 - ratio)) ** 0.5)
+        if f < 2 or abs(1.0 - 1.0 / f**2 - ratio) > 0.01:
+            raise TokenThinError(f"'{method}' removes 1 - 1/f^2 of the keys (0.75, 0.89, ...), not {ratio}")
+        return {"downsample_factor": f}
+    return {"keep": 1.0 - ratio}
 
 
 def _gaussian(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

@@ -92,9 +92,16 @@ def run_bench(
     seed: int,
     formulas: int = 12,
     sentences: int = 192,
-    site: str = "output",
+    site: str = "",
+    data: str = "",
+    max_new_tokens: int = 16,
+    dtype: str = "auto",
     samples: int = 16,
-) -> Path:
+) -> Path | None:
+    if tasks == "vqa":
+        return _run_vqa(
+            model, data, methods, budgets, site, batch_size, max_new_tokens, dtype, out, run, resume, seed, repeats
+        )
     known = all_methods()
     if tasks == "diffusion":
         names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -116,12 +123,15 @@ def run_bench(
         raise typer.BadParameter(
             "the diffusion task runs on its own model (the terrain UNet): give --task diffusion alone"
         )
+    if "vqa" in task_list:
+        raise typer.BadParameter("the vqa task runs on its own (a VLM checkpoint and --data FILE.jsonl): --task vqa")
     if bad:
-        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {', '.join(TASKS)}, all, ocr, text, asr or diffusion")
+        tasks_list = f"{', '.join(TASKS)}, all, ocr, text, asr, vqa or diffusion"
+        raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {tasks_list}")
     if "asr" in task_list:
         if len(task_list) > 1:
             raise typer.BadParameter("the asr task runs on its own model (Whisper tiny.en): give --task asr alone")
-        return _run_asr(chosen, budgets, out, run or "whisper-tiny-en", repeats, site)
+        return _run_asr(chosen, budgets, out, run or "whisper-tiny-en", repeats, site or "output")
     if "ocr" in task_list:
         if len(task_list) > 1:
             raise typer.BadParameter("the ocr task runs on its own model (latex-ocr): give --task ocr alone")
@@ -287,4 +297,61 @@ def _write_task(out_dir: Path, task: str, table: str, rows: list[dict]) -> Path:
     (out_dir / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     typer.echo(table)
     typer.echo(f"wrote {out_dir / f'{task}.md'}, {out_dir / f'{task}.jsonl'}")
+    return out_dir
+
+
+def _run_vqa(
+    model: str,
+    data: str,
+    methods: str,
+    budgets: str,
+    site: str,
+    batch_size: int,
+    max_new_tokens: int,
+    dtype: str,
+    out: str,
+    run: str,
+    resume: bool,
+    seed: int,
+    repeats: int = 1,
+) -> Path | None:
+    """The vqa task: a local VLM checkpoint answers ``--data``'s questions with every method at every keep budget
+    (``--budgets``: fractions or counts of the visual tokens); data-parallel under torchrun (see bench/vqa.py)."""
+    from .vqa import VQARun, default_methods, dist_env, run_vqa
+    from .vqa_report import vqa_pareto, write_vqa_summary
+
+    if not data:
+        raise typer.BadParameter("--task vqa needs --data FILE.jsonl (lines of image, question, optional answer)")
+    if model == "dinov2-s":
+        raise typer.BadParameter("--task vqa needs --model DIR: a local LLaVA / LLaVA-NeXT / Qwen2-VL checkpoint")
+    known = all_methods()
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or default_methods()
+    for m in chosen:
+        if m not in known:
+            raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
+    try:
+        keeps = tuple(int(b) if b.strip().isdigit() else float(b) for b in budgets.split(","))
+    except ValueError as e:
+        raise typer.BadParameter(f"budgets must be keep fractions or counts, comma-separated, got '{budgets}'") from e
+    cfg = VQARun(
+        model, data, tuple(chosen), keeps, site or None, batch_size, max_new_tokens, dtype, seed, max(1, repeats)
+    )
+    name = run or Path(model).name
+    out_dir = Path(out) / name
+    try:
+        rows = run_vqa(cfg, out_dir, resume, name)
+    except TokenThinError as e:
+        raise typer.BadParameter(str(e)) from e
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: finished rows are safe in {out_dir}/shards; rerun with --resume", err=True)
+        raise typer.Exit(130) from None
+    if rows is None or dist_env()[0] != 0:
+        return None
+    md = write_vqa_summary(rows, out_dir, name)
+    try:
+        vqa_pareto(rows, out_dir / "pareto.png", name)
+    except (ImportError, ValueError) as e:
+        typer.echo(f"no pareto.png: {e}", err=True)
+    typer.echo(md.read_text())
+    typer.echo(f"wrote {out_dir / 'results.jsonl'}, {out_dir / 'summary.csv'}, {md}, {out_dir / 'pareto.png'}")
     return out_dir

@@ -2,7 +2,9 @@
 or ``site="block:k"``) and the parts (``merge_attn`` / ``merge_crossattn`` / ``merge_mlp``).
 
 A method that acts on denoisers may declare these parameters under tomesd's names; the runtime reads them here and
-nowhere else. Methods that do not (``tome``, ``random``, ``pool``) take ``keep=`` and merge in the level-0 blocks'
+nowhere else (and ``reuse_steps``, a soft-mode method's plan reuse across calls). A method whose own parameters
+fix its budget (``Method.block_ratio``: ToDo's ``downsample_factor``) takes neither ``ratio=`` nor ``keep=``.
+Methods that do not (``tome``, ``random``, ``pool``) take ``keep=`` and merge in the level-0 blocks'
 self-attention, tomesd's defaults.
 """
 
@@ -46,17 +48,38 @@ def build(model: nn.Module, adapter: DenoiserAdapter, cls: type[Method], m: Meth
         raise TokenThinError(
             "proportional attention is not supported on denoisers (tomesd merges without it); drop prop_attn="
         )
-    ratio = _ratio(cls, m, req.keep)
+    own = m.block_ratio()
+    if own is not None:
+        if req.keep is not None:
+            raise BudgetError(
+                f"'{cls.name}' sets its own budget through its parameters (it removes {own:.0%} of each chosen "
+                "block's tokens); drop keep="
+            )
+        ratio = own
+    else:
+        ratio = _ratio(cls, m, req.keep)
     max_ds = int(m.p.get("max_downsample", 1))
     roles = tuple(r for r in PART_ROLES if bool(m.p.get(PART_FLAGS[r], r == "attn")))
     if not roles:
         raise TokenThinError("nothing to merge: set at least one of merge_attn, merge_crossattn, merge_mlp to True")
+    mode = cls.block_mode
+    if mode not in ("merge", "kv", "soft"):
+        raise TokenThinError(f"method '{cls.name}' has block_mode={mode!r}; one of 'merge', 'kv', 'soft'")
+    if mode not in adapter.block_modes:
+        raise UnsupportedModelError(
+            f"method '{cls.name}' acts in block mode '{mode}', which {adapter.family} cannot take "
+            f"({adapter.block_modes_note}); see tokenthin.support() for what works here"
+        )
+    if mode == "kv" and roles != ("attn",):
+        raise TokenThinError(f"'{cls.name}' reduces the self-attention's keys and values only (parts: attn)")
+    reuse = int(m.p.get("reuse_steps", 1))
     n = len(adapter.blocks)
     kind, k = parse_site(req.site, n) if req.site is not None else ("block", None)
     if kind != "block":
         raise SiteError(f"a denoiser offers site 'block' (or 'block:k', k in 0..{n - 1}), not '{req.site}'")
     blocks = (k,) if k is not None else tuple(i for i in range(n) if 2 ** adapter.level(i) <= max_ds)
-    return DenoiserRuntime(model, adapter, m, BlockOptions(ratio, max_ds, blocks, roles))
+    options = BlockOptions(ratio, max_ds, blocks, roles, mode=mode, reuse_steps=reuse)
+    return DenoiserRuntime(model, adapter, m, options)
 
 
 def _ratio(cls: type[Method], m: Method, keep: object) -> float:

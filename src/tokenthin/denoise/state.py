@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.assign import Assignment
+from ..ops.soft import SoftPlan
 from .fast import RowMerge
 
 
@@ -18,29 +19,39 @@ class BlockOptions:
       each block call merges ``int(N * ratio)`` of its N tokens, so every latent size works with no size hint;
     * ``max_downsample``: blocks whose level satisfies ``2 ** level <= max_downsample`` are chosen (tomesd);
     * ``blocks``: the chosen block indices (into ``adapter.blocks``); ``site="block:k"`` chooses one;
-    * ``parts``: the roles computed on merged tokens in every chosen block (``attn``, ``cross``, ``mlp``).
+    * ``parts``: the roles computed on merged tokens in every chosen block (``attn``, ``cross``, ``mlp``);
+    * ``mode``: the method's ``block_mode``: ``"merge"`` (merge -> compute -> unmerge by an assignment), ``"kv"``
+      (the self-attention's keys / values reduced by an assignment, queries and outputs untouched) or ``"soft"``
+      (merge -> compute -> unmerge by a many-to-many :class:`~tokenthin.ops.soft.SoftPlan`);
+    * ``reuse_steps``: a soft plan is computed at one denoiser call and reused by the same block for this many
+      calls in all (1: planned at every call), as long as the block's input shape does not change.
     """
 
     ratio: float
     max_downsample: int
     blocks: tuple[int, ...]
     parts: tuple[str, ...]
+    mode: str = "merge"
+    reuse_steps: int = 1
 
     def describe(self) -> str:
+        reuse = f" reuse_steps={self.reuse_steps}" if self.mode == "soft" else ""
         return (
             f"site=block ratio={self.ratio} max_downsample={self.max_downsample} parts={','.join(self.parts)} "
-            f"blocks={len(self.blocks)}"
+            f"blocks={len(self.blocks)} mode={self.mode}{reuse}"
         )
 
 
 @dataclass
 class BlockMerge:
-    """One block call's merge: planned from the block's input, used by every chosen part, dropped at its end."""
+    """One block call's merge: planned from the block's input, used by every chosen part, dropped at its end.
+    Either an assignment (``a`` and ``source``: modes "merge" and "kv") or a soft plan (``soft``: mode "soft")."""
 
-    a: Assignment
-    source: torch.Tensor  # (B, N) each token -> its slot
     n: int  # tokens entering the block
-    ones: torch.Tensor  # (B, N) float32 token sizes (block-local: every token stands for itself)
+    a: Assignment | None = None
+    source: torch.Tensor | None = None  # (B, N) each token -> its slot
+    soft: SoftPlan | None = None
+    prefix: int = 0  # tokens before the image tokens in the parts' sequences (the adapter's block_prefix)
     rows: RowMerge | None = None  # the precomputed row plan (None: padding or dropped tokens, the general path)
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # role -> (input, merged)
     done: set[str] = field(default_factory=set)  # roles whose output was unmerged

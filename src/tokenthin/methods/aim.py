@@ -19,12 +19,14 @@ Choices left open, and ours:
 * padding: the released code runs one prompt at a time. Here padded positions start with no mass and pass none
   on, so a padded batch ranks exactly as its prompts alone would;
 * the attention is recomputed from the layer's own queries and keys (with its rotary embedding) instead of an
-  eager ``output_attentions`` pass, so the host keeps SDPA. It is an N x N matrix per head, as in the paper;
+  eager ``output_attentions`` pass, so the host keeps SDPA. It is an N x N matrix per head, as in the paper, built
+  a few heads at a time (about 4 MB) and dropped once that head's PageRank is done: no heads x N x N map is held;
 * merged tokens keep the position of the token they merged into; ties go to the lowest index.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -50,15 +52,31 @@ def _iters(v: Any) -> str | None:
     return None if isinstance(v, int) and v >= 1 else "must be an integer >= 1"
 
 
-def pagerank(logits: torch.Tensor, valid: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
-    """(B, H, T, T) masked attention logits -> (B, T) importance (RMS over heads of the stationary-ish mass)."""
+def head_mass(logits: torch.Tensor, valid: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
+    """(B, h, T, T) masked attention logits of h heads -> (B, h, T) PageRank mass of every head."""
     m = torch.softmax(logits.float() / tau, dim=-1)
-    m = torch.nan_to_num(m, nan=0.0) * valid[:, None, :, None]  # padded rows pass on nothing
+    m = m.nan_to_num_(nan=0.0).mul_(valid[:, None, :, None])  # padded rows pass on nothing
     dist = valid.float() / valid.sum(1, keepdim=True).clamp_min(1)
-    dist = dist[:, None, None, :].expand(-1, m.shape[1], 1, -1)  # (B, H, 1, T)
+    dist = dist[:, None, None, :].expand(-1, m.shape[1], 1, -1)  # (B, h, 1, T)
     for _ in range(iters):
         dist = dist @ m
-    return dist.squeeze(2).pow(2).mean(1).sqrt()
+    return dist.squeeze(2)
+
+
+def pagerank(logits: torch.Tensor, valid: torch.Tensor, tau: float, iters: int) -> torch.Tensor:
+    """(B, H, T, T) masked attention logits -> (B, T) importance (RMS over heads of the stationary-ish mass)."""
+    return head_mass(logits, valid, tau, iters).pow(2).mean(1).sqrt()
+
+
+def blocked_pagerank(blocks: Iterator[torch.Tensor], tau: float, iters: int) -> torch.Tensor:
+    """:func:`pagerank` over head blocks (B, h, T, T) of the masked logits, one block in memory at a time: each
+    head's PageRank only reads its own map, so a head block is built, iterated on and dropped before the next."""
+    mass, valid = [], None
+    for logits in blocks:
+        if valid is None:
+            valid = torch.isfinite(logits[:, 0].diagonal(dim1=-2, dim2=-1))  # a valid token sees itself
+        mass.append(head_mass(logits, valid, tau, iters))
+    return torch.cat(mass, dim=1).pow(2).mean(1).sqrt()
 
 
 @register
@@ -94,8 +112,6 @@ class AIM(Method):
         if inp.site == "output":
             return merge_rounds(inp, keep, inp.x)
         k = uniform_keep(keep, self.name)
-        logits = inp.signals.lm_attention_logits(inp.layer)
-        seq_valid = torch.isfinite(logits[:, 0].diagonal(dim1=-2, dim2=-1))  # a valid token sees itself
-        imp = pagerank(logits, seq_valid, self.p["tau"], self.p["iters"])
+        imp = blocked_pagerank(inp.signals.lm_attention_blocks(inp.layer), self.p["tau"], self.p["iters"])
         score = imp.gather(1, inp.positions_in_prompt(self.name))
         return keep_indices(inp, topk_by_score(score, k, inp.candidates)), None

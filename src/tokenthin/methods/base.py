@@ -17,7 +17,7 @@ from. A method declares
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,6 +25,9 @@ import torch
 
 from ..errors import BudgetError, TokenThinError, UnknownMethodError
 from ..layout import Layout
+from ..ops import assign
+from ..ops.assign import Assignment
+from ..ops.soft import SoftPlan
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ class SignalSource:
     def lm_attention_logits(self, layer: int) -> torch.Tensor:  # (B, H, T, T) inside a language model only
         raise TokenThinError("this signal exists only inside a language model (site 'llm:k')")
 
+    def lm_attention_blocks(self, layer: int, floats: int = 1 << 20) -> Iterator[torch.Tensor]:
+        """``lm_attention_logits`` a few heads at a time, (B, h, T, T) blocks of about ``floats`` values."""
+        yield self.lm_attention_logits(layer)
+
 
 @dataclass
 class ReduceInput:
@@ -77,7 +84,9 @@ class ReduceInput:
     * ``text`` / ``text_valid``: (B, L, D) and (B, L) bool, the prompt's text-token embeddings (every non-image
       token of the sample's own prompt) as the language model reads them at this point;
     * ``tower_slot``: (B, N) long, on a host whose vision tower reduced already (sites ``layers`` / ``layer:k`` of a
-      vision-language model): the tower slot each visual token belongs to (-1: dropped there).
+      vision-language model): the tower slot each visual token belongs to (-1: dropped there);
+    * ``fixed``: the fixed-count case (every sample has the same tokens, no padding, as ``torch.compile`` needs):
+      the candidate count of every sample, known from the shapes. The runtime then passes ``keep`` as an int.
     * ``step``: (B,) float64 on CPU, on a denoiser: each sample's timestep value in this call (methods seed their
       randomness from it, so that a sample's plan does not depend on the batch it is in).
     """
@@ -102,6 +111,7 @@ class ReduceInput:
     text_valid: torch.Tensor | None = None
     tower_slot: torch.Tensor | None = None
     step: torch.Tensor | None = None
+    fixed: int | None = None  # candidate tokens of every sample, where known from the shapes (no padding)
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.valid, self.num_protected)
@@ -160,6 +170,35 @@ class ReduceInput:
 Plan = tuple[torch.Tensor, torch.Tensor | None]  # (keep (B, N) bool, target (B, N) long or None)
 
 
+class OrderedPlan(tuple):
+    """A plan ``(keep, target)`` that also fixes what the language model reads, for an official code's parity mode
+    (``official=True``). It unpacks like any plan (``keep, target = plan``), so hosts that ignore the additions still
+    run it; the vision-language runtime (:func:`tokenthin.vlm.plan.plan`) and :func:`tokenthin.ops.ordered.apply`
+    honour them:
+
+    * ``order`` (B, N) float or None: a sort key per kept token; the language model reads the slots by ascending
+      key of their representative (ties: positional order). The set of sequence positions is unchanged (the
+      positions stay ascending), only which slot sits at which position;
+    * ``values`` (B, N, D) or None: the value of each kept token's slot, where the official merge is not the
+      size-weighted mean (rows of tokens that are not kept are ignored).
+
+    Encoder and denoiser runtimes apply ``keep`` / ``target`` only (positional order, size-weighted means)."""
+
+    order: torch.Tensor | None
+    values: torch.Tensor | None
+
+    def __new__(
+        cls,
+        keep: torch.Tensor,
+        target: torch.Tensor | None,
+        order: torch.Tensor | None = None,
+        values: torch.Tensor | None = None,
+    ) -> OrderedPlan:
+        obj = super().__new__(cls, (keep, target))
+        obj.order, obj.values = order, values
+        return obj
+
+
 class Method:
     """Base class; subclasses set the class attributes and implement :meth:`reduce`."""
 
@@ -177,6 +216,11 @@ class Method:
     # the runtime kinds (Adapter.kind: "encoder", "vlm", "denoiser") the method is made for; empty: any host that
     # offers one of its sites
     runtimes: ClassVar[frozenset[str]] = frozenset()
+    # on a denoiser (tokenthin.denoise), what a block's plan acts on: "merge" (the chosen parts compute on merged
+    # tokens and their outputs are unmerged; the plan is reduce()'s assignment, applied by block_merge()), "kv"
+    # (only the self-attention's key / value inputs are reduced by the assignment, queries untouched, nothing is
+    # unmerged: ToDo) or "soft" (the parts compute on soft_plan()'s many-to-many merge and unmerge: ToMA)
+    block_mode: ClassVar[str] = "merge"
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))
@@ -195,8 +239,34 @@ class Method:
         """Encoder layers whose queries/keys this method reads for a reduction after ``point_layer``."""
         return [point_layer]
 
-    def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
-        """Plan the reduction at one point. ``keep`` (B,): candidate tokens each sample keeps."""
+    def reduce(self, inp: ReduceInput, keep: torch.Tensor | int) -> Plan:
+        """Plan the reduction at one point. ``keep`` (B,): candidate tokens each sample keeps; an int where every
+        sample keeps the same count and it is known from the shapes (``inp.fixed`` set: no padding). In that case
+        the plan must keep exactly :meth:`output_count` candidates per sample, read no count back from the data
+        (``int(tensor)``, ``.item()``, ``.tolist()``, ``nonzero``) and make no data-dependent branch, so that
+        ``torch.compile`` traces it without a graph break; :func:`uniform_keep` accepts both forms."""
+        raise NotImplementedError
+
+    def output_count(self, keep: int, inp: ReduceInput) -> int:
+        """Candidates a fixed-count plan keeps when asked to keep ``keep`` (default: exactly ``keep``; a method
+        that keeps fewer, such as grid pooling to a whole grid, says how many). The runtime sizes its output from
+        this without reading the plan back; eager mode checks it against the plan."""
+        return keep
+
+    # ----- denoiser hooks (tokenthin.denoise; the defaults suit every assignment method) -----
+    def block_ratio(self) -> float | None:
+        """The share of each block's tokens removed when the method's own parameters fix it (ToDo's
+        ``downsample_factor``); None: the budget comes from ``ratio=`` / ``keep=``."""
+        return None
+
+    def block_merge(self, x: torch.Tensor, a: Assignment, layer: int, num_layers: int) -> torch.Tensor:
+        """Block ``layer``'s (of ``num_layers``) tokens ``x`` (B, N, D) merged by ``a``: the mean of each slot's
+        tokens (tomesd); ToFu overrides it (MLERP, or pruning in late blocks)."""
+        ones = torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
+        return assign.merge(x, ones, a)[0]
+
+    def soft_plan(self, inp: ReduceInput, keep: torch.Tensor) -> SoftPlan:
+        """For ``block_mode == "soft"``: a many-to-many merge of the block's tokens (each sample keeping ``keep``)."""
         raise NotImplementedError
 
     def llm_points(self, num_layers: int) -> list[tuple[int, float | int]]:
@@ -243,8 +313,11 @@ def all_methods() -> dict[str, type[Method]]:
 # ----- small shared helpers for method files -----
 
 
-def uniform_keep(keep: torch.Tensor, method: str) -> int:
-    """Selection methods need one k for the whole batch; samples differ only after a dynamic reduction."""
+def uniform_keep(keep: torch.Tensor | int, method: str) -> int:
+    """Selection methods need one k for the whole batch; samples differ only after a dynamic reduction. An int
+    ``keep`` (the fixed-count case) is returned as it is, with no read-back of the data."""
+    if isinstance(keep, int):
+        return keep
     k = int(keep.min())
     if int(keep.max()) != k:
         raise BudgetError(

@@ -15,7 +15,7 @@ What the official code (xuyang-liu16/GlobalCom2, ``llava/model/llava_arch.py``) 
 retention ratio shared by thumbnail and crops, the global map resized with ``F.interpolate(mode="bilinear",
 align_corners=False)`` to the unpadded grid, [CLS] attention of the LLaVA feature layer with heads averaged.
 
-Choices left open, and ours:
+Where the default differs from the released code (choices left open, and ours):
 * ``R = k / N`` (the sample's keep count over its visual tokens); the per-view counts of steps 1 and 3 are then
   shared out so that exactly ``k`` tokens are kept (:func:`~tokenthin.methods.hired.apportion`: proportional to
   those counts, capped by each view's size, largest remainders; ties to the lower view). The released code floors
@@ -29,9 +29,27 @@ Choices left open, and ours:
 * on a host without AnyRes views (plain LLaVA, every token has view 0) there are no crops: each image is one
   thumbnail and the method is top-k by [CLS] attention (FasterVLM). We do not invent a partition grid there: the
   paper's budgets come from a thumbnail that looks at crops, which such an image does not have;
-* ties go to the lowest token index.
+* ties go to the lowest token index;
+* order: the kept tokens stay in their original (positional) order; the released code hands the language model
+  the thumbnail's kept tokens in descending-attention order (the crops' in positional order, scattered back);
+* the released code writes a row end after every row of the *padded* crop grid (zero rows removed by unpadding
+  still get one); the host's row ends (one per unpadded row) stay here. Its batch code reads the first image's
+  thumbnail attention for every image of a batch (``cls_attn_scores[0]``), a bug for batches of several images;
+  every image here reads its own (the official evaluation runs one image per batch, where both agree);
+* the released code reduces AnyRes images only: on a plain LLaVA image it keeps every token;
 * sites: ``output`` (the paper's place, before the language model) and ``layer:k`` of a ViT-like encoder,
   where there are no AnyRes views and [CLS], registers stay protected.
+
+``official=True`` reproduces the released selection and order on LLaVA-NeXT: ``R = k / N``; the thumbnail keeps
+``floor(n_0 * R)`` tokens by its [CLS] attention, read in descending-attention order; crop ``c`` (of the
+``nph x npw`` crop grid) scores the thumbnail cells of the equal block ``(y // (s // nph), x // (s // npw))``
+(clamped to the last block, the padded crop grid, unpadding ignored), ``softmax`` with the released ``+ 1e-8``,
+keeps ``floor(n_c * scale_c)`` tokens by local plus global score, read in positional order (an
+:class:`~tokenthin.methods.base.OrderedPlan`, honoured by the vision-language runtime). Every count is floored, so
+fewer than ``k`` tokens are kept. It needs every crop present after unpadding (crops 1..n on a full grid) and
+refuses other layouts; on hosts without crops it is the thumbnail rule alone (top ``floor(n * R)`` by attention,
+descending order). Not reproduced: the padded-grid row ends and the batch bug above (structure and batching are
+the host's).
 """
 
 from __future__ import annotations
@@ -44,12 +62,17 @@ import torch.nn.functional as F
 
 from ..errors import TokenThinError
 from ..ops.groups import apportion, rank_in_groups
-from .base import Method, Param, Plan, ReduceInput, register, uniform_keep
+from ..ops.select import topk_by_score
+from .base import Method, OrderedPlan, Param, Plan, ReduceInput, keep_indices, register, uniform_keep
 
 
 def _positive(v: Any) -> str | None:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and math.isfinite(v)
     return None if ok else "must be a positive number (the paper's code: 10)"
+
+
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be True (the official code's behaviour) or False"
 
 
 def image_starts(view: torch.Tensor) -> torch.Tensor:
@@ -101,6 +124,12 @@ class GlobalCom2(Method):
             10.0,
             "softmax temperature over the crops' thumbnail attention (larger: budgets closer to uniform)",
             _positive,
+        ),
+        "official": Param(
+            False,
+            "reproduce the released code: floored counts, crop regions as equal blocks of the padded crop grid, "
+            "the thumbnail's tokens in descending-attention order",
+            _flag,
         ),
     }
 
@@ -156,6 +185,10 @@ class GlobalCom2(Method):
         att = inp.cls_attention().float().nan_to_num(nan=0.0)
         if att.shape != cand.shape:
             raise TokenThinError("'globalcom2' needs the [CLS] attention of the unreduced tokens (site 'output')")
+        if self.p["official"]:
+            return self._official(inp, k, att)
+        if inp.view is None and inp.fixed is not None:  # an encoder, no padding: one thumbnail, no crops
+            return keep_indices(inp, topk_by_score(att, k, cand)), None  # what the general path gives, traceable
         view = inp.view
         view = torch.zeros_like(cand, dtype=torch.long) if view is None else view.long()
         view = view.masked_fill(~cand, -1)
@@ -182,3 +215,79 @@ class GlobalCom2(Method):
         chosen = rank_in_groups(score, group, g) < budget.gather(1, group)
         out = (chosen & cand) | (inp.valid & ~cand)  # protected tokens are kept
         return out & inp.valid, None
+
+    def _official(self, inp: ReduceInput, k: int, att: torch.Tensor) -> OrderedPlan:
+        """The released ``compress_thumbnail`` / ``generate_scale_for_crop_features`` / ``compress_crops``, one
+        image at a time (see the module docstring)."""
+        cand = inp.candidates
+        b, n = cand.shape
+        view = torch.zeros_like(cand, dtype=torch.long) if inp.view is None else inp.view.long()
+        view = view.masked_fill(~cand, -1)
+        keep = inp.valid & ~cand  # protected tokens stay
+        order = torch.arange(n, dtype=torch.float64, device=cand.device).expand(b, n).clone()
+        temp = float(self.p["temperature"])
+        for i in range(b):
+            total = int(cand[i].sum())
+            ratio = k / max(total, 1)
+            img = image_starts(view[i])
+            for m in range(int(img.max()) + 1 if bool((img >= 0).any()) else 0):
+                thumb = ((img == m) & (view[i] == 0)).nonzero().flatten()
+                crops = ((img == m) & (view[i] >= 1)).nonzero().flatten()
+                top = torch.argsort(att[i, thumb], descending=True)[: thumb.numel() * k // max(total, 1)]
+                keep[i, thumb[top]] = True
+                order[i, thumb[top]] = float(thumb[0]) + torch.arange(
+                    top.numel(), dtype=torch.float64, device=cand.device
+                )
+                if crops.numel() == 0:
+                    continue
+                self._official_crops(inp, i, att[i], thumb, crops, view[i, crops], ratio, temp, keep)
+        return OrderedPlan(keep & inp.valid, None, order)
+
+    def _official_crops(
+        self,
+        inp: ReduceInput,
+        i: int,
+        att: torch.Tensor,
+        thumb: torch.Tensor,
+        crops: torch.Tensor,
+        cview: torch.Tensor,
+        ratio: float,
+        temp: float,
+        keep: torch.Tensor,
+    ) -> None:
+        """Sample ``i``'s crops of one image: the crop budgets from the thumbnail and each crop's top tokens."""
+        s = math.isqrt(thumb.numel())
+        rows, cols = inp.rows, inp.cols
+        row, col, h, w = crop_grid(
+            None if rows is None else rows[i, crops], None if cols is None else cols[i, crops], self.name
+        )
+        ids = torch.unique(cview)
+        npw = int(torch.unique(cview[row == 0]).numel())
+        nph = ids.numel() // max(npw, 1)
+        if (
+            s * s != thumb.numel()
+            or nph * npw != ids.numel()
+            or not torch.equal(ids.cpu(), torch.arange(1, 1 + ids.numel()))
+        ):
+            raise TokenThinError(
+                "'globalcom2' with official=True needs LLaVA-NeXT's AnyRes layout with every crop present after "
+                "unpadding (a square thumbnail, crops 1..n on a full grid); use the default official=False"
+            )
+        a0 = att[thumb].view(s, s)
+        ph, pw = max(s // nph, 1), max(s // npw, 1)
+        cy = (torch.arange(s, device=att.device) // ph).clamp(max=nph - 1)
+        cx = (torch.arange(s, device=att.device) // pw).clamp(max=npw - 1)
+        block = (cy.unsqueeze(1) * npw + cx.unsqueeze(0)).flatten()  # the crop each thumbnail cell is counted for
+        mass = torch.zeros(nph * npw, dtype=torch.float64, device=att.device).index_add_(
+            0, block, a0.flatten().double()
+        )
+        e = torch.exp((mass - mass.max()) / temp)
+        sm = e / (e.sum() + 1e-8)
+        scale = (ratio * (1 + sm - sm.mean())).clamp(max=1.0)
+        glob = F.interpolate(a0[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0][row, col]
+        for c in range(1, nph * npw + 1):
+            sel = cview == c
+            tok = crops[sel]
+            top_k = int(tok.numel() * float(scale[c - 1]))
+            combined = F.normalize(att[tok], dim=0) + F.normalize(glob[sel], dim=0)
+            keep[i, tok[torch.topk(combined, top_k).indices]] = True  # read in positional order

@@ -106,8 +106,11 @@ class HiPrune(Method):
         k = uniform_keep(keep, self.name)
         h, w = patch_grid(inp, self.name)
         P = inp.num_protected
-        obj = attention_score(inp, self.p["score"], self._object(inp.layer, inp.num_layers), self.name)[:, P:]
-        deep = attention_score(inp, self.p["score"], inp.layer, self.name)[:, P:]
+        obj_layer = self._object(inp.layer, inp.num_layers)
+        deep_full = attention_score(inp, self.p["score"], inp.layer, self.name)
+        same = obj_layer == inp.layer  # the object layer can coincide with the site (shallow site or encoder)
+        obj = (deep_full if same else attention_score(inp, self.p["score"], obj_layer, self.name))[:, P:]
+        deep = deep_full[:, P:]
         b, n = deep.shape
         a = min(round(k * self.p["alpha"] / 5), k // 5)
         no_group = torch.zeros(b, n, dtype=torch.long, device=deep.device)

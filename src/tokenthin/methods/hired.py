@@ -30,7 +30,13 @@ grid, ``ReduceInput.rows`` / ``cols``, as the host lays them out). ``base_share=
 Choices left open, and ours:
 * the content score is the sum of the early layer's [CLS] attention over the partition's tokens; the released
   code instead counts how many of the base image's top ``(1 - alpha) * N`` early-attention tokens fall in each
-  crop's region (a thresholded version of the same sum);
+  crop's part of the base view (a thresholded version of the same sum);
+* which part of the base view weights a crop: here the base cells whose centres fall inside the crop's region of
+  the unpadded image (its tokens' rows and columns). The released code cuts the base view's flattened (row-major)
+  attention into ``nph * npw`` equal consecutive chunks (``reshape(nph, npw, -1)``), i.e. bands of whole rows, not
+  the crops' regions: with a 2 x 2 grid each "crop" reads a quarter of the rows, and with 1 x 2 crops (a wide image)
+  it splits the base view top / bottom instead of left / right, an official bug. No ``official`` mode here
+  (not reproduced);
 * budgets are exact: proportional shares, partitions that would overflow are filled and the rest re-shared among
   the others, then largest-remainder rounding (ties to the lower partition index), so exactly ``k`` tokens are
   kept. The released code floors each share and may keep fewer than the budget;
@@ -84,7 +90,8 @@ def patch_grid(inp: ReduceInput, name: str) -> tuple[int, int]:
     """(h, w) of the sample's image, checking that the candidates are exactly its full patch grid, row-major."""
     h, w = inp.grid
     n = inp.valid.shape[1] - inp.num_protected
-    if not inp.pristine or h * w == 0 or h * w != n or not bool(inp.valid.all()):
+    all_valid = inp.fixed is not None or bool(inp.valid.all())  # fixed count: no padding, known from the shapes
+    if not inp.pristine or h * w == 0 or h * w != n or not all_valid:
         raise TokenThinError(
             f"'{name}' needs every sample's tokens to be one image's full patch grid ({n} tokens for grid {h}x{w}): "
             "it works on one image per prompt (LLaVA) and on ViT encoders before any other reduction, not on "
@@ -159,7 +166,7 @@ class HiRED(Method):
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
         view = inp.view
-        if view is not None and bool((view > 0).any()):
+        if view is not None and bool((view > 0).any()):  # (encoder hosts have no views: no read-back there)
             return self._anyres(inp, k, view)
         h, w = patch_grid(inp, self.name)
         g = self.p["partitions"]

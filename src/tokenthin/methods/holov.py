@@ -19,7 +19,7 @@ What the official code (obananas/HoloV, ``utils.py`` and ``llava/model/llava_arc
 * the selection inside a crop is by attention alone (``select="attention"``); the holistic score only moves the
   budget between crops. ``select="holistic"`` ranks inside crops by the holistic score instead.
 
-Choices left open, and ours:
+Where the default differs from the released code (choices left open, and ours):
 * budgets are exact: proportional shares, capped at the crop's size with the excess re-shared, largest remainders
   (:func:`~tokenthin.methods.hired.apportion`). The released code floors the shares, gives the remainder to the
   heaviest crops, drops whatever overflows a full crop and pads the output with zero vectors;
@@ -31,8 +31,19 @@ Choices left open, and ours:
   ``"sequence"`` is the released code's and also partitions a plain LLaVA image into 16 bands of rows;
 * the cosine similarities are one GEMM per sample, so a sample's plan does not depend on the rest of the batch;
   ties go to the lowest token index.
+* order: the kept tokens stay in their original (positional) order; the released code hands the language model
+  each crop's tokens in descending-attention order (a crop kept whole stays in order), crops in order;
+* AnyRes: the released LLaVA-NeXT code has the row-end (``image_newline``) tokens commented out; here the host's
+  row ends stay (structure tokens, kept and not counted);
 * sites: ``output`` (the paper's place, before the language model) and ``layer:k`` of a ViT-like encoder,
   where there are no AnyRes views and [CLS], registers stay protected.
+
+``official=True`` reproduces the released ``HoloV`` function (``split="sequence"``, ``select="attention"``,
+``power=1`` only): the attention scaled by 1e3, the variance with the zeroed self-similarity counted, a one-token
+crop scored by its unscaled attention, shares floored with the remainder to the heaviest crops, a crop's overflow
+dropped (fewer than ``k`` tokens kept), and the order above (an :class:`~tokenthin.methods.base.OrderedPlan`,
+honoured by the vision-language runtime). What it cannot give: the released code pads the output with zero rows up
+to ``k`` (the overflow); here the language model reads the kept tokens only.
 """
 
 from __future__ import annotations
@@ -45,7 +56,7 @@ import torch
 from ..errors import TokenThinError
 from ..ops.groups import apportion, rank_in_groups
 from ..ops.similarity import normalize, per_sample_matmul
-from .base import Method, Param, Plan, ReduceInput, positive_int, register, uniform_keep
+from .base import Method, OrderedPlan, Param, Plan, ReduceInput, positive_int, register, uniform_keep
 
 
 def _nonneg(v: Any) -> str | None:
@@ -66,6 +77,10 @@ def _split(v: Any) -> str | None:
 def _select(v: Any) -> str | None:
     ok = v in ("attention", "holistic")
     return None if ok else "must be 'attention' (the paper's code) or 'holistic' (attention plus similarity variance)"
+
+
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be True (the official code's behaviour) or False"
 
 
 def sequence_partitions(cand: torch.Tensor, p: int) -> torch.Tensor:
@@ -104,10 +119,27 @@ class HoloV(Method):
         "beta": Param(0.09, "weight of the similarity variance in the holistic score", _nonneg),
         "power": Param(1.0, "crop budgets are proportional to crop score ** power", _positive),
         "select": Param("attention", "rank inside a crop by 'attention' or by the 'holistic' score", _select),
+        "official": Param(
+            False,
+            "reproduce the released code: floored budgets, overflow dropped, the 1e3 attention scale, partition "
+            "tokens in descending-attention order",
+            _flag,
+        ),
     }
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        p = self.p
+        if p["official"] and (p["split"] != "sequence" or p["select"] != "attention" or p["power"] != 1.0):
+            raise TokenThinError(
+                "method 'holov': official=True reproduces the released code, which has split='sequence', "
+                "select='attention' and power=1; leave those at their defaults"
+            )
 
     def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
         k = uniform_keep(keep, self.name)
+        if self.p["official"]:
+            return self._official(inp, k)
         cand = inp.candidates
         att = inp.cls_attention().float().nan_to_num(nan=0.0).clamp_min(0.0)
         if att.shape != cand.shape:
@@ -147,3 +179,49 @@ class HoloV(Method):
         chosen = rank_in_groups(sel, part, g + 1) < budget.gather(1, part)
         out = (chosen & cand) | (inp.valid & ~cand)
         return out & inp.valid, None
+
+    def _official(self, inp: ReduceInput, k: int) -> OrderedPlan:
+        """The released ``HoloV`` function, one sample at a time (see the module docstring)."""
+        cand = inp.candidates
+        att = inp.cls_attention().float()
+        if att.shape != cand.shape:
+            raise TokenThinError("'holov' needs the [CLS] attention of the unreduced tokens (site 'output')")
+        b, n = cand.shape
+        keep = inp.valid & ~cand  # protected tokens stay
+        order = torch.arange(n, dtype=torch.float64, device=cand.device).expand(b, n).clone()
+        beta, parts, eps = float(self.p["beta"]), self.p["partitions"], 1e-6
+        for i in range(b):
+            idx = cand[i].nonzero().flatten()
+            a, f = att[i, idx], inp.x[i, idx].float()
+            base, rem = divmod(idx.numel(), parts)
+            spans = [(p * base + min(p, rem), base + (p < rem)) for p in range(parts) if base + (p < rem) > 0]
+            scores = []
+            for start, size in spans:
+                ap = a[start : start + size]
+                if size == 1:  # the released code scores a one-token crop by its attention, without the 1e3
+                    scores.append(ap.mean())
+                    continue
+                fn = f[start : start + size]
+                fn = fn / (fn.norm(dim=1, keepdim=True) + eps)
+                sim = (fn @ fn.T) * (1 - torch.eye(size, device=f.device))  # the zeroed diagonal stays in the sums
+                mean = sim.sum(1) / (size - 1)
+                var = (sim - mean.unsqueeze(1)).square().sum(1) / (size - 1)
+                a3 = ap * 1e3
+                scores.append((a3 + beta * var * (a3.abs().mean() / (var.abs().mean() + eps))).mean())
+            w = torch.stack(scores)
+            w = w / (w.sum() + eps)
+            alloc = (w * k).floor().long()
+            left = k - int(alloc.sum())
+            if left > 0:
+                alloc[torch.topk(w, min(left, w.numel())).indices[:left]] += 1
+            for (start, size), m in zip(spans, alloc.tolist()):
+                if m <= 0:
+                    continue
+                if m >= size:  # a full crop keeps all its tokens in order; the overflow is dropped
+                    keep[i, idx[start : start + size]] = True
+                    continue
+                top = torch.topk(a[start : start + size], m).indices  # descending attention
+                pos = idx[start + top]
+                keep[i, pos] = True
+                order[i, pos] = float(idx[start]) + torch.arange(m, dtype=torch.float64, device=cand.device)
+        return OrderedPlan(keep & inp.valid, None, order)

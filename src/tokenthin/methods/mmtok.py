@@ -11,10 +11,14 @@ tokens themselves; ``sim_R(j, i) = softmax_i(cos(r_j, x_i) / T_R) / |R|`` (see
 ``T_vision = 0.2`` and ``alpha = 0.5`` (CCAAttking7/MMTok, ``mmtok/llava/llava_inject.py``).
 
 Choices left open, and ours:
-* the text embedding: the released code embeds the question with CLIP's text tower and compares it with the
-  visual tokens in CLIP's projected space. Here both sides are what the language model reads: the prompt's
-  text-token input embeddings (``ReduceInput.text``: every non-image token of the sample's own prompt, system
-  prompt and template included) and the projected visual tokens, so no second model is needed;
+* the text side: the released code (``mmtok/core/mmtok_core.py``, ``text_processor.py``) strips the prompt
+  template from the question, drops its non-visual words by a fixed word list (keyword filtering), tokenises the
+  remaining words one by one and embeds them with the language model's ``embed_tokens`` (no BOS). Here the
+  references are the prompt's text-token input embeddings as the language model reads them (``ReduceInput.text``:
+  every non-image token of the sample's own prompt, system prompt and template included, no word filter);
+* the vision-vision term: the released code compares the visual tokens in the vision tower's own (pre-projector,
+  CLIP) feature space (``vision_features_clip``, [CLS] stripped) while selecting projected tokens; here the term
+  uses the projected visual tokens the language model reads;
 * on a plain vision encoder there is no prompt: the method refuses it and names ``coverage`` (the vision term
   alone);
 * ties go to the lowest token index.
@@ -42,7 +46,12 @@ def _nonneg(v: Any) -> str | None:
 def coverage_block(ref: torch.Tensor, ref_valid: torch.Tensor, x: torch.Tensor, cand: torch.Tensor, t: float):
     """(B, M, N) MMTok similarity of references ``ref`` (B, M, D) to tokens ``x`` (B, N, D): cosine / t,
     softmax over the candidate tokens, divided by the number of valid references; invalid rows are 0."""
-    logits = per_sample_matmul(normalize(ref), normalize(x)).div_(t)
+    return _block(normalize(ref), ref_valid, normalize(x), cand, t)
+
+
+def _block(rn: torch.Tensor, ref_valid: torch.Tensor, xn: torch.Tensor, cand: torch.Tensor, t: float):
+    """:func:`coverage_block` on L2-normalised references and tokens."""
+    logits = per_sample_matmul(rn, xn).div_(t)
     logits.masked_fill_(~cand.unsqueeze(1), float("-inf"))
     block = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
     n_ref = ref_valid.sum(1).clamp_min(1).to(block.dtype)
@@ -69,7 +78,8 @@ class MMTok(Method):
         k = uniform_keep(keep, self.name)
         cand = inp.candidates
         words, words_valid = inp.prompt_text(self.name)
-        text = coverage_block(words, words_valid, inp.x, cand, self.p["text_temperature"])
-        vision = coverage_block(inp.x, cand, inp.x, cand, self.p["vision_temperature"])
+        xn = normalize(inp.x)  # once for both blocks
+        text = _block(normalize(words), words_valid, xn, cand, self.p["text_temperature"])
+        vision = _block(xn, cand, xn, cand, self.p["vision_temperature"])
         cover = torch.cat([text, vision.mul_(self.p["alpha"])], dim=1)
         return keep_indices(inp, greedy_max_coverage(cover, k, cand)), None

@@ -24,7 +24,11 @@ class Pool(Method):
     sites = ("layer", "output", "block")
     default_site = "output"
 
-    def reduce(self, inp: ReduceInput, keep: torch.Tensor) -> Plan:
+    def output_count(self, keep: int, inp: ReduceInput) -> int:
+        oh, ow = grid_shape_for_keep(inp.grid[0], inp.grid[1], keep)  # whole cells: at most ``keep``
+        return oh * ow
+
+    def reduce(self, inp: ReduceInput, keep: torch.Tensor | int) -> Plan:
         if not inp.pristine:
             raise SiteError("'pool' needs the full patch grid; apply it at the first reduction point only")
         k = uniform_keep(keep, self.name)

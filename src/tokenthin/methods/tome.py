@@ -26,24 +26,30 @@ from ..ops.matching import match, merge_in_rounds
 from .base import Method, Plan, ReduceInput, register
 
 
-def merge_rounds(inp: ReduceInput, keep: torch.Tensor, metric: torch.Tensor) -> Plan:
-    """Bipartite matching repeated until each sample keeps ``keep`` candidates; one combined plan."""
+def merge_rounds(inp: ReduceInput, keep: torch.Tensor | int, metric: torch.Tensor) -> Plan:
+    """Bipartite matching repeated until each sample keeps ``keep`` candidates; one combined plan. In the
+    fixed-count case (``keep`` an int, ``inp.fixed`` set) the rounds are planned from the counts alone."""
     cand = inp.candidates
-    r_left = inp.counts - keep
-    r_max = int(r_left.max())
-    if r_max <= int(inp.counts.min()) // 2:  # one round suffices
-        return match(metric, r_max if r_max == int(r_left.min()) else r_left, cand)
 
-    def one_round(cur: torch.Tensor, step: torch.Tensor, alive: torch.Tensor) -> Plan:
+    def one_round(cur: torch.Tensor, step: torch.Tensor | int, alive: torch.Tensor) -> Plan:
         # pack the surviving tokens to the front (original order) so the alternate A/B split is re-drawn
         present = alive & inp.valid
-        order = torch.argsort((~present).long(), dim=1, stable=True)
+        order = torch.argsort((~present).to(torch.int8), dim=1, stable=True)
         packed = metric.gather(1, order.unsqueeze(-1).expand_as(metric))
         keep_p, target_p = match(packed, step, cur.gather(1, order))
         keep_o = torch.empty_like(keep_p).scatter_(1, order, keep_p)
         to = torch.where(target_p >= 0, order.gather(1, target_p.clamp(min=0)), target_p)
         return keep_o, torch.empty_like(to).scatter_(1, order, to)
 
+    if isinstance(keep, int) and inp.fixed is not None:
+        r = inp.fixed - keep
+        if r <= inp.fixed // 2:  # one round suffices
+            return match(metric, r, cand)
+        return merge_in_rounds(inp.valid, cand, r, one_round, count=inp.fixed)
+    r_left = inp.counts - keep
+    r_max = int(r_left.max())
+    if r_max <= int(inp.counts.min()) // 2:  # one round suffices
+        return match(metric, r_max if r_max == int(r_left.min()) else r_left, cand)
     return merge_in_rounds(inp.valid, cand, r_left, one_round)
 
 

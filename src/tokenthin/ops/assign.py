@@ -19,7 +19,19 @@ from dataclasses import dataclass
 
 import torch
 
-CHECKS = True  # validate plans (cheap; the benchmarks leave it on)
+CHECKS = True  # validate plans (cheap; the benchmarks leave it on; skipped inside torch.compile)
+
+
+def check(ok: torch.Tensor, msg: str) -> None:
+    """Raise ``ValueError(msg)`` unless ``ok`` (a bool tensor) is all True, without waiting for the device: on CUDA
+    the check is queued (``torch._assert_async``); inside a ``torch.compile`` trace it is skipped (a data-dependent
+    branch would break the graph; the plans it checks are built by the same code that eager mode validates)."""
+    if not CHECKS or torch.compiler.is_compiling():
+        return
+    if ok.device.type == "cuda":
+        torch._assert_async(ok.all(), msg)
+    elif not bool(ok.all()):
+        raise ValueError(msg)
 
 
 @dataclass
@@ -30,42 +42,59 @@ class Assignment:
     slot_src: torch.Tensor  # (B, n_out): index of the kept token that represents each slot (0 for padding)
     counts: torch.Tensor  # (B,): slots used per sample
     n_out: int
-    merges: bool  # whether any token is merged into another (False: a pure selection)
+    merges: bool  # whether any token may be merged into another (False: a pure selection)
     moving: torch.Tensor | None = None  # (B, N) the tokens merged into another one (when ``merges``)
     uniform: bool = True  # every sample keeps n_out slots (no padding)
+    max_moving: int | None = None  # an upper bound on the moving tokens of a sample (None: count them)
 
 
-def build(keep: torch.Tensor, target: torch.Tensor | None = None) -> Assignment:
-    """Build the slot map from a keep mask and merge targets (see module docstring)."""
+def build(keep: torch.Tensor, target: torch.Tensor | None = None, n_out: int | None = None) -> Assignment:
+    """Build the slot map from a keep mask and merge targets (see module docstring).
+
+    ``n_out``: the slots every sample keeps, when the caller knows it from the shapes (the fixed-count case); the
+    plan is then built with static shapes only (no count read back from the data: what ``torch.compile`` traces)
+    and, where checks are on, verified to keep that many tokens in every sample."""
     if keep.dtype != torch.bool or keep.dim() != 2:
         raise ValueError("keep must be a (B, N) bool tensor")
     b, n = keep.shape
     counts = keep.sum(1)
-    lo_hi = torch.aminmax(counts) if b > 0 else None
-    n_out = int(lo_hi.max) if lo_hi is not None else 0
-    uniform = lo_hi is None or int(lo_hi.min) == n_out
+    static = n_out is not None
+    if n_out is not None:
+        uniform = True
+        msg = f"internal: a fixed-count plan keeps {n_out} tokens per sample, but the method's plan keeps another count"
+        check(counts == n_out, msg + " (its Method.output_count() disagrees with its reduce())")
+    else:
+        lo_hi = torch.aminmax(counts) if b > 0 else None
+        n_out = int(lo_hi.max) if lo_hi is not None else 0
+        uniform = lo_hi is None or int(lo_hi.min) == n_out
     slot = keep.long().cumsum(1) - 1  # slot index of kept tokens
     dst = slot.masked_fill(~keep, -1)
-    merges, moving = False, None
+    merges, moving, max_moving = False, None, None
     if target is not None:
         moving = (~keep) & (target >= 0)
-        if bool(moving.any()):
+        if static or bool(moving.any()):  # fixed count: assume merges (an empty merge changes nothing)
             merges = True
             tgt = target.clamp(min=0)
-            if CHECKS and not bool((keep.gather(1, tgt) | ~moving).all()):
-                raise ValueError("a merge target must be a kept token")
+            check(keep.gather(1, tgt) | ~moving, "a merge target must be a kept token")
             dst = torch.where(moving, slot.gather(1, tgt), dst)
+            max_moving = n - n_out if static else None
         else:
             moving = None
     slot_src = torch.zeros(b, n_out, dtype=torch.long, device=keep.device)
     if n_out:
-        pos = torch.arange(n, device=keep.device).expand(b, n)
         idx = torch.where(keep, slot, torch.full_like(slot, n_out))  # dump non-kept into an overflow column
         buf = torch.zeros(b, n_out + 1, dtype=torch.long, device=keep.device)
-        buf.scatter_(1, idx, pos)
+        buf.scatter_(1, idx, torch.arange(n, device=keep.device).expand(b, n))
         slot_src = buf[:, :n_out]
     return Assignment(
-        dst=dst, slot_src=slot_src, counts=counts, n_out=n_out, merges=merges, moving=moving, uniform=uniform
+        dst=dst,
+        slot_src=slot_src,
+        counts=counts,
+        n_out=n_out,
+        merges=merges,
+        moving=moving,
+        uniform=uniform,
+        max_moving=max_moving,
     )
 
 
@@ -83,34 +112,60 @@ def rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.reshape(b * n, d).index_select(0, flat).view(b, idx.shape[1], d)
 
 
+def _moving(a: Assignment, size: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The moving tokens as flat row indices: (into the current tokens (M,), into the slots (M,), their sizes (M,)).
+    Eager mode lists exactly the moving tokens (``nonzero``); inside a ``torch.compile`` trace, where shapes may not
+    depend on the data, every sample lists ``max_moving`` entries (moving tokens first, in token order, by a stable
+    sort), and the rest point at the spare slot row ``B * n_out`` with size 0. Both keep the order (sample, token),
+    so every slot sums its tokens in the same order and eager and compiled results agree."""
+    assert a.moving is not None
+    b, k = a.dst.shape[0], a.n_out
+    if torch.compiler.is_compiling() and a.max_moving is not None:
+        idx = torch.argsort((~a.moving).to(torch.int8), dim=1, stable=True)[:, : a.max_moving]  # (B, m)
+        present = a.moving.gather(1, idx)
+        off = torch.arange(b, device=idx.device).unsqueeze(1)
+        src = (idx + off * n).reshape(-1)
+        dst = torch.where(present, a.dst.gather(1, idx) + off * k, b * k).reshape(-1)
+        return src, dst, (size.gather(1, idx) * present).reshape(-1)
+    src = a.moving.reshape(-1).nonzero().squeeze(1)  # flat (sample, token) index of every moving token
+    dst = torch.div(src, n, rounding_mode="floor") * k + a.dst.reshape(-1).index_select(0, src)
+    return src, dst, size.reshape(-1).index_select(0, src)
+
+
 def merge(x: torch.Tensor, size: torch.Tensor, a: Assignment) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply an assignment: returns (x_out (B, n_out, D), size_out (B, n_out)).
 
     Kept rows are copied exactly; a slot that receives merged tokens becomes the size-weighted mean of its tokens,
-    accumulated in at least float32, and only those rows are computed. Padded slots (beyond a sample's count) are
-    zero with size 0.
+    ``x_s * own_s / total + sum_j x_j * w_j / total``, accumulated in at least float32, on the receiving rows of the
+    copy only (half inputs: in a float32 buffer). Padded slots (beyond a sample's count) are zero with size 0.
+    Nothing is read back from the data inside a ``torch.compile`` trace.
     """
-    b, _, d = x.shape
-    out = rows(x, a.slot_src)
-    own = size.gather(1, a.slot_src)
-    size_out = own.clone()
-    if a.merges:
-        # only the slots that receive merged tokens change: work on those rows alone
-        acc_t = torch.promote_types(x.dtype, torch.float32)  # half inputs accumulate in float32
-        assert a.moving is not None
-        bi, ti = a.moving.nonzero(as_tuple=True)  # every merged token: (sample, token)
-        flat_dst = bi * a.n_out + a.dst[bi, ti]
-        hit, where = torch.unique(flat_dst, return_inverse=True)  # receiving slots, and each token's one
-        out_flat, own_flat = out.view(b * a.n_out, d), own.reshape(-1)
-        w = size[bi, ti].to(acc_t)
-        w_hit = own_flat[hit].to(acc_t).index_add(0, where, w)
-        num = (out_flat[hit].to(acc_t) * own_flat[hit].to(acc_t).unsqueeze(-1)).index_add_(
-            0, where, x[bi, ti].to(acc_t) * w.unsqueeze(-1)
-        )
-        out_flat[hit] = (num / w_hit.unsqueeze(-1)).to(x.dtype)
-        size_out.view(-1)[hit] = w_hit.to(size.dtype)
-    valid = slot_valid(a)
-    if valid is not None:
+    b, n, d = x.shape
+    k = a.n_out
+    x_flat = x.reshape(b * n, d)
+    pick = (a.slot_src + torch.arange(b, device=x.device).unsqueeze(1) * n).reshape(-1)
+    if not a.merges:
+        out, size_out = x_flat.index_select(0, pick).view(b, k, d), size.gather(1, a.slot_src)
+    else:
+        pick = torch.cat([pick, pick[:1]])  # a spare row after the slots: where a compiled plan's padding goes
+        out_flat = x_flat.index_select(0, pick)
+        acc_t = torch.promote_types(x.dtype, torch.float32)
+        own = size.reshape(-1).index_select(0, pick).to(acc_t)
+        src, dst, w = _moving(a, size, n)
+        w = w.to(acc_t)
+        total = own.index_add(0, dst, w)  # (B * n_out + 1,) summed size of every slot
+        inv = 1.0 / total.index_select(0, dst).unsqueeze(-1)
+        moved = x_flat.index_select(0, src).to(acc_t) * (w.unsqueeze(-1) * inv)
+        base = out_flat.index_select(0, dst).to(acc_t) * (own.index_select(0, dst).unsqueeze(-1) * inv)
+        if x.dtype == acc_t:  # in place on the receiving rows: own share first, then every moving token's
+            out_flat.index_copy_(0, dst, base).index_add_(0, dst, moved)
+        else:  # half: the sums in float32
+            acc = torch.zeros(b * k + 1, d, dtype=acc_t, device=x.device).index_copy_(0, dst, base)
+            out_flat.index_copy_(0, dst, acc.index_add_(0, dst, moved).index_select(0, dst).to(x.dtype))
+        out, size_out = out_flat[: b * k].view(b, k, d), total[: b * k].view(b, k).to(size.dtype)
+    if not a.uniform:
+        valid = slot_valid(a)
+        assert valid is not None
         out = out.masked_fill(~valid.unsqueeze(-1), 0)
         size_out = size_out.masked_fill(~valid, 0)
     return out, size_out
@@ -132,7 +187,4 @@ def compose_source(source: torch.Tensor, a: Assignment) -> torch.Tensor:
 def unmerge(x: torch.Tensor, source: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
     """Scatter current tokens back to every original token: (B, N, D) -> (B, N0, D); dropped tokens get ``fill``."""
     out = rows(x, source.clamp(min=0))
-    dropped = (source < 0).unsqueeze(-1)
-    if bool(dropped.any()):
-        out = out.masked_fill(dropped, fill)
-    return out
+    return out.masked_fill((source < 0).unsqueeze(-1), fill)  # unconditional: no read-back of the data

@@ -1,7 +1,8 @@
 """Coverage selectors: greedy (facility-location) coverage maximisation, MMTok's selection step.
 
 Both follow the selection contract and conventions of :mod:`tokenthin.ops.select`; memory is ``O(B * M * N)``
-float32 (M references x N tokens; about 33 MB per sample at N = M = 2880).
+float32 (M references x N tokens; about 33 MB per sample at N = M = 2880). The greedy is lazy (Minoux): a gain
+computed earlier bounds the current one, so each step recomputes a few slabs of rows, not all N x M.
 """
 
 from __future__ import annotations
@@ -20,25 +21,70 @@ MMTOK_VISION_TEMPERATURE = 0.2
 MMTOK_TEXT_TEMPERATURE = 0.02
 
 
+def _gains(rows: torch.Tensor, covered: torch.Tensor) -> torch.Tensor:
+    """Marginal gains ``sum_m max(0, rows[..., m] - covered[..., m])`` of token rows (B, L, M) -> (B, L).
+
+    Each gain is a contiguous row sum over the M references, so it comes out bit for bit the
+    same whichever rows share the call (a slab of L rows or all N)."""
+    return torch.sub(rows, covered).clamp_(min=0).sum(dim=-1)
+
+
 def _greedy_coverage_token_major(cover_t: torch.Tensor, k: int, candidates: torch.Tensor) -> torch.Tensor:
     """Greedy coverage on ``cover_t`` laid out (B, N, M): token-major, references contiguous.
 
-    With the references innermost, every token's gain is a contiguous row sum, added up in
-    exactly the order of a 1-D sum over that token's M values.
+    Lazy greedy (Minoux's accelerated greedy): a token's gain only falls as coverage rises
+    (submodularity; in float32 too, since ``max(0, c - cov)`` falls elementwise and the row
+    sum adds the same positions in the same order), so a gain computed at an earlier step is
+    an upper bound ``ub``. Each step takes the argmax of ``ub`` over the available tokens
+    (lowest index first). While that bound is stale, the highest stale bounds are recomputed
+    (16 of them, then 64, 256, ...: a few slabs of rows, not one token at a time). An argmax
+    whose gain is fresh is the exact greedy pick, ties included: every lower-index token has
+    a strictly smaller bound, every other one at most an equal bound. So the picks are those
+    of recomputing every gain at every step (``k * N * M`` work), at a small fraction of it
+    on real features.
     """
-    B, _, M = cover_t.shape
-    rows = torch.arange(B, device=candidates.device)
-    avail = candidates.clone()
+    B, N, M = cover_t.shape
+    dev = candidates.device
+    rows = torch.arange(B, device=dev)
+    ub = torch.empty(B, N, dtype=cover_t.dtype, device=cover_t.device)
     covered = torch.zeros(B, 1, M, dtype=cover_t.dtype, device=cover_t.device)
-    buf = torch.empty_like(cover_t)
-    out = torch.empty(B, k, dtype=torch.long, device=candidates.device)
+    step = max(1, (1 << 20) // max(M, 1))  # tokens per block of the first, full pass (about 4 MB)
+    for s in range(0, N, step):
+        ub[:, s : s + step] = _gains(cover_t[:, s : s + step], covered)
+    ub.masked_fill_(~candidates, -math.inf)  # -inf: never picked (not a candidate, or picked already)
+    fresh = torch.ones(B, N, dtype=torch.bool, device=dev)
+    flat = cover_t.view(B * N, M)
+    base = (rows * N).unsqueeze(1)  # (B, 1): where each sample's rows start in ``flat``
+    out = torch.empty(B, k, dtype=torch.long, device=dev)
+
+    def refresh(s: torch.Tensor | None, width: int) -> None:
+        """Recompute the ``width`` highest stale bounds of samples ``s`` (None: all); -inf (picked) stays."""
+        u, f = (ub, fresh) if s is None else (ub[s], fresh[s])
+        idx = u.masked_fill(f, -math.inf).topk(min(width, N), dim=1).indices  # (S, width); pads with fresh ones
+        old = u.gather(1, idx)
+        at = (base if s is None else base[s]) + idx
+        cov = covered if s is None else covered[s]
+        g = _gains(flat.index_select(0, at.view(-1)).view(idx.shape[0], -1, M), cov)  # (S, width)
+        u.scatter_(1, idx, torch.where(old == -math.inf, old, g))  # a fresh gain recomputes to itself
+        f.scatter_(1, idx, True)
+        if s is not None:
+            ub[s], fresh[s] = u, f
+
     for t in range(k):
-        torch.sub(cover_t, covered, out=buf)
-        gain = buf.clamp_(min=0).sum(dim=-1)  # (B, N): marginal gain of every token at once
-        pick = gain.masked_fill_(~avail, -math.inf).argmax(dim=1)
+        if t:
+            fresh = ub <= 0  # a bound of 0 is exact (gains are >= 0); -inf never moves
+            refresh(None, 16)  # after a pick the top bound is almost always stale: refresh the top 16 at once
+        pick = ub.argmax(dim=1)
+        todo = ~fresh.gather(1, pick.unsqueeze(1)).squeeze(1)  # (B,) samples whose argmax bound is still stale
+        width = 64
+        while bool(todo.any()):  # rare: 64, then 256, 1024, ... more of the highest stale bounds
+            refresh(None if B == 1 else todo.nonzero().squeeze(1), width)
+            width *= 4
+            pick = ub.argmax(dim=1)
+            todo = ~fresh.gather(1, pick.unsqueeze(1)).squeeze(1)
         out[:, t] = pick
-        avail[rows, pick] = False
-        covered = torch.maximum(covered, cover_t[rows, pick].unsqueeze(1))  # (B, 1, M)
+        ub.scatter_(1, pick.unsqueeze(1), -math.inf)
+        covered = torch.maximum(covered, flat.index_select(0, base.squeeze(1) + pick).unsqueeze(1))  # (B, 1, M)
     return ascending(out)
 
 
@@ -46,11 +92,12 @@ def greedy_max_coverage(cover: torch.Tensor, k: int, candidates: torch.Tensor) -
     """Greedy maximisation of ``f(S) = sum_j max(0, max_{i in S} cover[b, j, i])``.
 
     ``cover`` is a (B, M, N) float tensor: how well candidate token ``i`` covers reference
-    ``j``. Coverage starts at 0; each step computes every candidate's gain
-    ``sum_j max(0, cover[j, i] - cov[j])`` as one batched op, adds the eligible, not yet
-    selected token with the largest gain (ties: lowest index) and raises ``cov`` to
-    ``max(cov, cover[:, i])``. This is MMTok's greedy step; use it directly to build MMTok's
-    multimodal objective by concatenating weighted coverage blocks along M, e.g.
+    ``j``. Coverage starts at 0; each step adds the eligible, not yet selected token with the
+    largest gain ``sum_j max(0, cover[j, i] - cov[j])`` (ties: lowest index) and raises ``cov``
+    to ``max(cov, cover[:, i])``. The gains are evaluated lazily (see
+    :func:`_greedy_coverage_token_major`): the picks are exactly those of recomputing every
+    gain at every step, for a few full passes' work instead of ``k``. This is MMTok's greedy
+    step; use it directly to build MMTok's multimodal objective by concatenating weighted coverage blocks along M, e.g.
     ``torch.cat([text_block, alpha * vision_block], dim=1)``.
 
     Internally the matrix is copied to a token-major (B, N, M) float32 layout, so each
@@ -92,7 +139,8 @@ def coverage_greedy(
 
     Greedy gain (also as in the code): ``gain(i) = sum_j max(0, sim(j, i) - cov(j))`` with
     ``cov(j)`` the best similarity among the tokens selected so far; the argmax is added.
-    See :func:`greedy_max_coverage` (each step is one batched op over a (B, N, M) tensor).
+    See :func:`greedy_max_coverage` (lazy greedy over a (B, N, M) tensor, the same picks as
+    recomputing every gain at every step).
 
     Choices:
 
@@ -145,11 +193,14 @@ def coverage_greedy(
     xn = normalize(x)
     rn = xn if ref is None else normalize(ref)
     logits = per_sample_matmul(rn, xn).div_(temperature)  # (B, M, N)
-    logits.masked_fill_(~candidates.unsqueeze(1), -math.inf)
+    if not bool(candidates.all()):
+        logits.masked_fill_(~candidates.unsqueeze(1), -math.inf)
     cover = torch.softmax(logits, dim=-1)  # each reference spreads one unit over the eligible tokens
     del logits
     n_ref = ref_valid.sum(dim=1).clamp_min(1).to(torch.float32)  # (B,)
-    cover.div_(n_ref.view(B, 1, 1)).masked_fill_(~ref_valid.unsqueeze(-1), 0.0)
-    cover_t = cover.transpose(1, 2).contiguous()  # (B, N, M)
+    cover_t = torch.empty(B, x.shape[1], cover.shape[1], dtype=torch.float32, device=cover.device)  # (B, N, M)
+    torch.div(cover.transpose(1, 2), n_ref.view(B, 1, 1), out=cover_t)  # token-major in the same pass
     del cover
+    if not bool(ref_valid.all()):
+        cover_t.masked_fill_(~ref_valid.unsqueeze(1), 0.0)
     return _greedy_coverage_token_major(cover_t, k, candidates)

@@ -21,21 +21,24 @@ def _farthest_first(dist: torch.Tensor, avail: torch.Tensor, first: torch.Tensor
 
     ``dist[b, s, j]`` is the distance from selected token ``s`` to token ``j``. Starting from
     ``first`` (B,), each step keeps, per token, its distance to the nearest selected token
-    and adds the available token that maximises it.
+    and adds the available token that maximises it. One row of ``dist`` is read per pick
+    (``O(k * N)`` in all); tokens that cannot be picked (not candidates, or picked already)
+    hold ``-inf``, which the running minimum never raises, so a step is a row gather, one
+    in-place minimum and one argmax.
     """
     B, N = avail.shape
-    rows = torch.arange(B, device=avail.device)
-    avail = avail.clone()
+    flat = dist.view(B * N, N)
+    base = torch.arange(B, device=avail.device) * N
     out = torch.empty(B, k, dtype=torch.long, device=avail.device)
-    nearest = torch.full((B, N), math.inf, dtype=dist.dtype, device=dist.device)
+    nearest = torch.full((B, N), math.inf, dtype=dist.dtype, device=dist.device).masked_fill_(~avail, -math.inf)
     cur = first
     for t in range(k):
         out[:, t] = cur
-        avail[rows, cur] = False
+        nearest.view(-1).index_fill_(0, base + cur, -math.inf)
         if t + 1 == k:
             break
-        nearest = torch.minimum(nearest, dist[rows, cur])  # (B, N): row of the newest pick
-        cur = nearest.masked_fill(~avail, -math.inf).argmax(dim=1)
+        torch.minimum(nearest, flat.index_select(0, base + cur), out=nearest)  # row of the newest pick
+        cur = nearest.argmax(dim=1)
     return ascending(out)
 
 

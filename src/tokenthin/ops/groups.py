@@ -33,17 +33,23 @@ def apportion(weight: torch.Tensor, cap: torch.Tensor, k: int) -> torch.Tensor:
     share = torch.zeros_like(weight)
     active = torch.ones_like(weight, dtype=torch.bool)
     left = torch.full_like(weight[:, 0], float(k))
+    # every round fills at least one partition or changes nothing, so weight.shape[1] rounds suffice; eager mode
+    # stops at the first round that fills none, a torch.compile trace runs them all (the same result)
     for _ in range(weight.shape[1]):
         w = weight * active
         w = torch.where(w.sum(1, keepdim=True) > 0, w, cap_f * active)  # no signal left: share by size
         q = left.unsqueeze(1) * w / w.sum(1, keepdim=True).clamp_min(1e-300)
         over = active & (q >= cap_f)
-        if not bool(over.any()):
-            share = torch.where(active, q, share)
+        if not torch.compiler.is_compiling() and not bool(over.any()):
             break
         share = torch.where(over, cap_f, share)
         left = left - (cap_f * over).sum(1)
         active = active & ~over
+    else:  # no early stop: the shares of the partitions still active
+        w = weight * active
+        w = torch.where(w.sum(1, keepdim=True) > 0, w, cap_f * active)
+        q = left.unsqueeze(1) * w / w.sum(1, keepdim=True).clamp_min(1e-300)
+    share = torch.where(active, q, share)
     base = share.floor().long().minimum(cap)
     rest = k - base.sum(1, keepdim=True)  # (B, 1)
     frac = (share - base).masked_fill(base >= cap, -1.0)

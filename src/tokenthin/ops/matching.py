@@ -21,6 +21,21 @@ def alternate_split(n: int, device: torch.device | None = None) -> tuple[torch.T
     return idx[0::2], idx[1::2]
 
 
+def similarities(
+    metric: torch.Tensor, a_idx: torch.Tensor | slice, b_idx: torch.Tensor | slice, b_ok: torch.Tensor
+) -> torch.Tensor:
+    """(B, na, nb) cosine similarity of every A token to every B token; B tokens that may not take part get -inf."""
+    m = normalize(metric)
+    if isinstance(a_idx, slice) and isinstance(b_idx, slice):  # ToMe's split: strided views, no copies
+        scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
+    else:
+        bi = torch.arange(m.shape[0], device=m.device).unsqueeze(1)
+        scores = m[bi, a_idx] @ m[bi, b_idx].transpose(-1, -2)
+    if torch.compiler.is_compiling() or not bool(b_ok.all()):  # no data-dependent branch inside a trace
+        scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
+    return scores
+
+
 def edge_scores(
     metric: torch.Tensor,
     a_idx: torch.Tensor | slice,
@@ -34,17 +49,8 @@ def edge_scores(
     take part (protected and padded tokens may not). Returns (best similarity (B, na), index into b_idx (B, na));
     A tokens that may not merge get -inf.
     """
-    m = normalize(metric)
-    if isinstance(a_idx, slice) and isinstance(b_idx, slice):  # ToMe's split: strided views, no copies
-        scores = m[:, a_idx] @ m[:, b_idx].transpose(-1, -2)
-    else:
-        bi = torch.arange(m.shape[0], device=m.device).unsqueeze(1)
-        scores = m[bi, a_idx] @ m[bi, b_idx].transpose(-1, -2)
-    if not bool(b_ok.all()):
-        scores = scores.masked_fill(~b_ok.unsqueeze(1), -torch.inf)
-    best, best_j = scores.max(dim=-1)
-    best = best.masked_fill(~a_ok, -torch.inf)
-    return best, best_j
+    best, best_j = similarities(metric, a_idx, b_idx, b_ok).max(dim=-1)
+    return best.masked_fill(~a_ok, -torch.inf), best_j
 
 
 def match(
@@ -66,14 +72,31 @@ def match(
     dev = metric.device
     if a_idx is None or b_idx is None:
         a_ok, b_ok = candidates[:, 0::2], candidates[:, 1::2]
-        best, best_j = edge_scores(metric, slice(0, None, 2), slice(1, None, 2), a_ok, b_ok)
+        sa: torch.Tensor | slice = slice(0, None, 2)
+        sb: torch.Tensor | slice = slice(1, None, 2)
         a1, b1 = alternate_split(n, dev)
         a_idx, b_idx = a1.expand(bsz, -1), b1.expand(bsz, -1)
     else:
-        a_ok = candidates.gather(1, a_idx)
-        b_ok = candidates.gather(1, b_idx)
-        best, best_j = edge_scores(metric, a_idx, b_idx, a_ok, b_ok)
-    if isinstance(r, int):  # one r for the batch: top-k of the edges (ties: lowest index, as a stable sort)
+        a_ok, b_ok = candidates.gather(1, a_idx), candidates.gather(1, b_idx)
+        sa, sb = a_idx, b_idx
+    scores = similarities(metric, sa, sb, b_ok)
+    keep = torch.ones(bsz, n, dtype=torch.bool, device=dev)
+    target = torch.full((bsz, n), -1, dtype=torch.long, device=dev)
+    if isinstance(r, int) and threshold is None:
+        # one r for the batch: the r strongest edges (top-k of each A token's best similarity; ties: lowest index,
+        # as a stable sort), and the best B match looked up for those r A tokens only (an argmax over every row
+        # costs more than the rest of the matching on CPU)
+        best = scores.amax(dim=-1).masked_fill(~a_ok, -torch.inf)
+        top = best.topk(min(r, best.shape[1]), dim=-1, sorted=False).indices  # (B, r)
+        ok = torch.isfinite(best.gather(1, top))
+        j = scores.gather(1, top.unsqueeze(-1).expand(-1, -1, scores.shape[-1])).argmax(-1)  # (B, r) into B
+        src = a_idx.gather(1, top)
+        keep.scatter_(1, src, ~ok)
+        target.scatter_(1, src, torch.where(ok, b_idx.gather(1, j), -1))
+        return keep, target
+    best, best_j = scores.max(dim=-1)
+    best = best.masked_fill(~a_ok, -torch.inf)
+    if isinstance(r, int):
         chosen = torch.zeros_like(best, dtype=torch.bool)
         if r > 0:
             chosen.scatter_(1, best.topk(min(r, best.shape[1]), dim=-1, sorted=False).indices, True)
@@ -85,9 +108,7 @@ def match(
     if threshold is not None:
         thr = torch.as_tensor(threshold, device=dev, dtype=best.dtype).reshape(-1, 1)
         chosen = chosen & (best > thr)
-    keep = torch.ones(bsz, n, dtype=torch.bool, device=dev)
     keep.scatter_(1, a_idx, ~chosen)
-    target = torch.full((bsz, n), -1, dtype=torch.long, device=dev)
     dst_tok = b_idx.gather(1, best_j)
     target.scatter_(1, a_idx, torch.where(chosen, dst_tok, torch.full_like(dst_tok, -1)))
     return keep, target
@@ -96,28 +117,47 @@ def match(
 def merge_in_rounds(
     valid: torch.Tensor,
     candidates: torch.Tensor,
-    r: torch.Tensor,
-    one_round: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    r: torch.Tensor | int,
+    one_round: Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
+    count: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge ``r`` (B,) tokens per sample with a matching that merges at most half of its candidates per round.
 
     ``one_round(cur, step, alive)`` merges ``step`` (B,) of the candidates ``cur`` (B, N) (``alive``: every token
     not merged yet) and returns (keep, target) on the original token indices. The rounds are composed into one
     plan: each merged token's target is its final surviving representative.
+
+    ``count``: the fixed-count case, every sample has ``count`` candidates and merges the int ``r``; each round
+    then merges ``min(r, count // 2)`` (a matching merges exactly that many when every candidate has a finite
+    similarity), planned in Python ints with no read-back of the data.
     """
     b, n = candidates.shape
     owner = torch.arange(n, device=candidates.device).expand(b, n).clone()  # token -> its representative
     alive = valid.clone()
-    r = r.clone()
-    while int(r.max()) > 0:
-        cur = candidates & alive
-        step = torch.minimum(r, cur.sum(1) // 2)
-        if int(step.max()) == 0:
-            break
-        keep_s, target_s = one_round(cur, step, alive)
+
+    def apply(cur: torch.Tensor, keep_s: torch.Tensor, target_s: torch.Tensor | None) -> None:
+        nonlocal owner, alive
         assert target_s is not None
         gone = cur & ~keep_s
         owner = torch.where(gone.gather(1, owner), target_s.gather(1, owner), owner)
-        alive &= ~gone
-        r = r - step
+        alive = alive & ~gone
+
+    if count is not None:
+        assert isinstance(r, int)
+        left, c = r, count
+        while left > 0 and c // 2 > 0:
+            step = min(left, c // 2)
+            cur = candidates & alive
+            apply(cur, *one_round(cur, step, alive))
+            left, c = left - step, c - step
+    else:
+        assert isinstance(r, torch.Tensor)
+        r = r.clone()
+        while int(r.max()) > 0:
+            cur = candidates & alive
+            step = torch.minimum(r, cur.sum(1) // 2)
+            if int(step.max()) == 0:
+                break
+            apply(cur, *one_round(cur, step, alive))
+            r = r - step
     return alive, torch.where(alive | ~valid, torch.full_like(owner, -1), owner)

@@ -18,8 +18,9 @@ Conventions shared by the greedy selectors (diversity, coverage):
   another memory alignment, so two duplicate tokens could tie when a sample runs alone and not inside
   a batch. Built this way a sample's selection is bitwise independent of the rest of the batch
   (checked by the tests).
-* Every selection step is one batched tensor op over ``(B, N)``; the only Python loop runs
-  over the ``k`` steps.
+* Every selection step is a few batched tensor ops over ``(B, N)`` (the lazy coverage greedy adds
+  a short inner loop that recomputes slabs of stale gains); the Python loop runs over the ``k``
+  steps, never over tokens.
 * Ties are broken by the lowest token index (``torch.argmax`` returns the first maximum).
 * Memory is ``O(B * N * N)`` float32 for the diversity selectors and ``O(B * M * N)`` for
   the coverage selector (about 33 MB per sample at N = M = 2880).
@@ -74,7 +75,7 @@ def check_k(candidates: torch.Tensor, k: int) -> int:
         ) from None
     if k < 0:
         raise BudgetError(f"k={k} is negative; pass a keep count k >= 0.")
-    if k == 0 or candidates.shape[0] == 0:
+    if k == 0 or candidates.shape[0] == 0 or torch.compiler.is_compiling():  # a trace reads no counts back
         return k
     counts = candidates.sum(dim=1)
     smallest = int(counts.min())

@@ -29,6 +29,8 @@ def per_sample_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     sum in a different order for a batched call, and (MKL) for operands at a different memory
     alignment, which a slice of a batch can be. See the conventions in :mod:`tokenthin.ops.select`.
     """
+    if torch.compiler.is_compiling():  # a trace has no data pointers: the same GEMMs on fresh (aligned) copies
+        return torch.stack([torch.mm(a[i].clone(), b[i].clone().transpose(0, 1)) for i in range(a.shape[0])])
     if a.shape[0] == 1:
         return torch.mm(_aligned(a[0]), _aligned(b[0]).transpose(0, 1)).unsqueeze(0)
     out = torch.empty(a.shape[0], a.shape[1], b.shape[1], dtype=torch.float32, device=a.device)

@@ -23,7 +23,8 @@ from ..errors import InputMismatchError
 from ..methods.base import Method, ReduceInput, SignalSource
 from ..ops import assign
 from .block import block_merge, block_unmerge
-from .state import CallState, TokenInfo, _cpu_threads, _Signals, _Sub, _sync, _trimmed, key_bias
+from .state import CallState, Source, TokenInfo, _cpu_threads, _Signals, _Sub, _sync, _trimmed, key_bias
+from .tracing import check_traceable, one_frame
 
 Planner = Callable[[Layout], Schedule]
 
@@ -46,6 +47,8 @@ class Runtime:
         self.model, self.adapter, self.method, self.schedule = model, adapter, method, schedule
         self.planner = planner
         self._plans: dict[tuple, Schedule] = {}
+        if planner is not None:  # the default input's plan is known already (and a compiled trace need not plan)
+            self._plans[self._plan_key(adapter.default_layout)] = schedule
         self.unmerge = unmerge
         self.prop_attn = prop_attn
         self.handles: list[Any] = []
@@ -98,11 +101,15 @@ class Runtime:
         when every output token is a plain, valid one (or the output was unmerged to the full grid)."""
         return self._out_bias
 
+    @staticmethod
+    def _plan_key(layout: Layout) -> tuple:
+        return (layout.protected, layout.grid, layout.frames)
+
     def plan_for(self, layout: Layout) -> Schedule:
         """The schedule for an input of this layout (cached by shape)."""
         if self.planner is None:
             return self.schedule
-        key = (layout.protected, layout.grid, layout.frames)
+        key = self._plan_key(layout)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self.planner(layout)
@@ -111,6 +118,8 @@ class Runtime:
     # ----- hooks -----
     def _start(self, _m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         a = self.adapter
+        if self.method.dynamic and torch.compiler.is_compiling():
+            check_traceable(self.method.name, "it keeps a different token count per sample (data-dependent shapes)")
         layout, batch, x = a.call_layout(args, kwargs)
         param = next(a.root.parameters())
         if x.device != param.device:
@@ -121,6 +130,7 @@ class Runtime:
         sched = self.plan_for(layout)
         st = CallState(batch=batch, grid=layout.grid, n0=layout.tokens, layout=layout, schedule=sched)
         st.content = layout.content
+        st.source = Source(batch, layout.tokens)
         if layout.padding is not None:  # the caller's padding: never content, masked from the first layer on
             pad = layout.padding.to(device=x.device, dtype=torch.bool)
             st.valid = pad
@@ -133,7 +143,7 @@ class Runtime:
             hh, ww = self.method.input_size(H, W, p, sched.keep)  # type: ignore[arg-type]
             if (hh, ww) != (H, W):
                 h, w = layout.grid
-                st.source = self._grid_source(h, w, hh // p, ww // p, x.device).expand(st.batch, -1)
+                st.source.start = self._grid_source(h, w, hh // p, ww // p, x.device).expand(st.batch, -1)
                 st.pristine = False
                 return a.shrink_input(args, kwargs, (hh, ww))
         return None
@@ -152,9 +162,10 @@ class Runtime:
             st = self._st
             if st is None:
                 return
+            one_frame(st, self.method.name)
             hs = layer_input(args, kwargs)
             st.tokens.append(hs.shape[1])
-            st.sample_tokens.append(st.valid.sum(1).tolist() if st.valid is not None else [hs.shape[1]] * hs.shape[0])
+            st.layer_valid.append(st.valid)  # per-sample counts are read from it only when info() asks
             st.bias_at[i] = st.bias
 
         return pre
@@ -179,6 +190,7 @@ class Runtime:
             with _cpu_threads(x.device, 1):
                 x_new = self._reduce(st, i, x)
             self._toc(x, t0)
+            one_frame(st, self.method.name)  # a graph break inside the reduction shows here
             return a.with_layer_output(out, x_new)
 
         return post
@@ -216,13 +228,13 @@ class Runtime:
         return post
 
     def _tic(self, x: torch.Tensor) -> float:
-        if not self.measure:
+        if not self.measure or torch.compiler.is_compiling():  # a compiled graph cannot be timed from inside
             return 0.0
         _sync(x.device)
         return time.perf_counter()
 
     def _toc(self, x: torch.Tensor, t0: float) -> None:
-        if self.measure:
+        if self.measure and not torch.compiler.is_compiling():
             _sync(x.device)
             self.overhead_s += time.perf_counter() - t0
 
@@ -271,9 +283,14 @@ class Runtime:
         self, st: CallState, i: int, x: torch.Tensor, signals: SignalSource, pristine: bool
     ) -> tuple[assign.Assignment, torch.Tensor] | None:
         """The method's plan at layer i as a sanitised assignment (protected tokens kept, padding neither kept nor
-        merged), with the current token sizes; None when the budget keeps every token."""
+        merged), with the current token sizes; None when the budget keeps every token.
+
+        The fixed-count case (no padding so far, a method that keeps the same count in every sample) is planned from
+        the shapes alone: the keep count is a Python int, the method gets it as one and the output count is
+        :meth:`Method.output_count`; nothing is read back from the data, so ``torch.compile`` traces it whole."""
         b, n, _ = x.shape
         P = self.adapter.num_protected
+        fixed = st.valid is None and not self.method.dynamic and isinstance(st.content, int)
         size = st.size if st.size is not None else torch.ones(b, n, dtype=torch.float32, device=x.device)
         valid = st.valid if st.valid is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
         inp = ReduceInput(
@@ -288,21 +305,33 @@ class Runtime:
             signals=signals,
             calibrating=self.calibrating,
             layout=st.layout,
+            fixed=n - P if fixed else None,
         )
-        keep_n = st.schedule.keep_at(i, inp.counts, st.content, self.method.dynamic)
-        if st.schedule.site == "block" and bool((keep_n >= inp.counts).all()):
-            return None
-        keep, target = self._plan(inp, keep_n, trim=pristine and st.layout.padding is not None)
+        n_out: int | None = None
+        if fixed:
+            assert isinstance(st.content, int)
+            k = st.schedule.keep_fixed(i, n - P, st.content)
+            if st.schedule.site == "block" and k >= n - P:
+                return None
+            keep, target = self.method.reduce(inp, k)
+            n_out = P + self.method.output_count(k, inp)
+        else:
+            if torch.compiler.is_compiling():
+                check_traceable(self.method.name, "the input is padded (its samples have different real-token counts)")
+            keep_n = st.schedule.keep_at(i, inp.counts, st.content, self.method.dynamic)
+            if st.schedule.site == "block" and bool((keep_n >= inp.counts).all()):
+                return None
+            keep, target = self._plan(inp, keep_n, trim=pristine and st.layout.padding is not None)
         keep = keep.clone()
         keep[:, :P] = True
-        keep &= valid
+        if not fixed:
+            keep &= valid
         if target is not None:
             target = target.masked_fill(keep | ~valid, -1)
             target[:, :P] = -1
-        return assign.build(keep, target), size
+        return assign.build(keep, target, n_out), size
 
     def _reduce(self, st: CallState, i: int, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
         got = self.assignment(st, i, x, _Signals(self, st), st.pristine)
         assert got is not None
         plan, size = got
@@ -310,8 +339,8 @@ class Runtime:
         st.valid = assign.slot_valid(plan)  # None: every token is valid
         st.size = size_new
         st.n_cur = plan.n_out
-        src = st.source if st.source is not None else torch.arange(n, device=x.device).expand(b, n)
-        st.source = assign.compose_source(src, plan)
+        assert st.source is not None
+        st.source.add(plan.dst)  # composed only if someone reads it (unmerge, info().source)
         st.pristine = False
         st.sized = st.sized or plan.merges  # some token stands for more than one (sizes stay > 1 once merged)
         needed = st.valid is not None or (st.sized and self.prop_attn)
@@ -331,19 +360,21 @@ class Runtime:
         else:
             n_last = st.n_cur if st.n_cur is not None else (st.tokens[-1] if st.tokens else st.n0)
             kept = [n_last] * st.batch
-        self._out_bias = None if (self.unmerge and st.source is not None) else st.bias
+        reduced = st.source is not None and not st.source.empty
+        self._out_bias = None if (self.unmerge and reduced) else st.bias
         self.last = TokenInfo(
             grid=st.grid,
             num_protected=P,
             tokens_per_layer=st.tokens,
-            sample_tokens=st.sample_tokens,
             size=st.size,
             valid=st.valid,
-            source=st.source,
             kept=kept,
+            source_map=st.source if reduced else None,
+            layer_valid=st.layer_valid,
         )
-        if self.unmerge and st.source is not None:
-            return self.adapter.finish(out, st.source, True)
+        if self.unmerge and reduced:
+            assert st.source is not None
+            return self.adapter.finish(out, st.source.compose(), True)
         return None
 
     def describe(self) -> dict[str, Any]:

@@ -24,8 +24,11 @@ def _cpu_threads(device: torch.device, n: int) -> Iterator[None]:
     """Run a block with ``n`` intra-op threads on CPU. A reduction is hundreds of small ops; on a busy machine
     every multi-threaded op waits for a descheduled worker, which made them 10-20x slower than on one thread
     (measured: 35% of a DINOv2-S forward on two threads vs 4% on one)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():  # a compiled graph runs as one unit
+        yield
+        return
     old = torch.get_num_threads()
-    if device.type != "cpu" or old <= n:
+    if old <= n:
         yield
         return
     torch.set_num_threads(n)
@@ -40,18 +43,67 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Source:
+    """The original-token -> current-slot map of a call, composed only when someone reads it: a start (None: the
+    identity on ``n0`` tokens, or the input site's grid map) and the slot map (``Assignment.dst``) of every
+    reduction since. Nothing is recomposed per layer when no one asks (no unmerge, no visualisation)."""
+
+    def __init__(self, batch: int, n0: int, start: torch.Tensor | None = None) -> None:
+        self.batch, self.n0 = batch, n0
+        self.start = start
+        self.steps: list[torch.Tensor] = []
+        self._done: torch.Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.start is None and not self.steps
+
+    def add(self, dst: torch.Tensor) -> None:
+        self.steps.append(dst)
+        self._done = None
+
+    def compose(self) -> torch.Tensor | None:
+        """(B, N0) original token -> current slot (-1: dropped); None when nothing was reduced."""
+        if self.empty:
+            return None
+        if self._done is None:
+            src = self.start
+            if src is None:
+                src = torch.arange(self.n0, device=self.steps[0].device).expand(self.batch, self.n0)
+            for dst in self.steps:
+                src = compose_dst(src, dst)
+            self._done = src
+        return self._done
+
+
+def compose_dst(source: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """``source`` (B, N0) after a reduction whose slot map is ``dst`` (B, N): see ``assign.compose_source``."""
+    return torch.where(source >= 0, dst.gather(1, source.clamp(min=0)), source)
+
+
 @dataclass
 class TokenInfo:
-    """What the last forward call did."""
+    """What the last forward call did. ``source`` is composed when first read."""
 
     grid: tuple[int, int]  # original patch grid
     num_protected: int
     tokens_per_layer: list[int]  # tokens entering each encoder layer (largest sample: what the batch computes)
-    sample_tokens: list[list[int]]  # per layer, the valid tokens of each sample (differ only for dynamic methods)
     size: torch.Tensor | None  # (B, N_out) token sizes after the encoder (None: no reduction)
     valid: torch.Tensor | None  # (B, N_out) False for padding; None when every sample kept the same count
-    source: torch.Tensor | None  # (B, N0) original token -> output token (-1: dropped)
     kept: list[int]  # output tokens per sample (protected included)
+    source_map: Source | None = field(default=None, repr=False)
+    layer_valid: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # per layer; None: no padding
+
+    @property
+    def sample_tokens(self) -> list[list[int]]:
+        """Per layer, the valid tokens of each sample (they differ only for dynamic methods and padded inputs)."""
+        b = len(self.kept)
+        return [[n] * b if v is None else v.sum(1).tolist() for n, v in zip(self.tokens_per_layer, self.layer_valid)]
+
+    @property
+    def source(self) -> torch.Tensor | None:
+        """(B, N0) original token -> output token (-1: dropped); None when nothing was reduced."""
+        return None if self.source_map is None else self.source_map.compose()
 
 
 @dataclass
@@ -64,14 +116,15 @@ class CallState:
     content: torch.Tensor | int = 0  # (B,) real content tokens per sample (the caller's padding excluded), or int
     size: torch.Tensor | None = None
     valid: torch.Tensor | None = None
-    source: torch.Tensor | None = None
+    source: Source | None = None  # composed lazily (None: nothing reduced yet)
     bias: torch.Tensor | None = None  # (B, N) additive key bias for the next layers, None = no bias needed
     q: dict[int, torch.Tensor] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
     bias_at: dict[int, torch.Tensor | None] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
-    sample_tokens: list[list[int]] = field(default_factory=list)
+    layer_valid: list[torch.Tensor | None] = field(default_factory=list)  # the valid mask entering each layer
     pristine: bool = True
+    frame: str | None = None  # under torch.compile: the compiled frame the layers' hooks run in (tracing.one_frame)
     sized: bool = False  # a merge happened (token sizes differ from 1)
     n_cur: int | None = None  # tokens after the last reduction
     block: dict[int, tuple] = field(default_factory=dict)  # site "block": layer -> (input, reduced input, source, bias)

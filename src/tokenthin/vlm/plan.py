@@ -6,13 +6,15 @@ map, the prompt's text); samples whose counts or grids differ are planned one at
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..adapters.hf_vlm import VLMAdapter
 from ..budget import keep_count
 from ..errors import BudgetError
 from ..methods.base import Method, ReduceInput
-from ..ops import assign
+from ..ops import assign, ordered
 from .sequence import pack
 from .signals import VLMSignals
 from .state import Call, Carry
@@ -88,7 +90,7 @@ def plan(
     if carry.tower_source is not None and out_stage:
         group = tower_groups(carry.tower_source, adapter.drops_protected, flat, vvalid)
 
-    def run(i: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def run(i: int | None) -> Any:
         one = None if i is None else torch.tensor([i], device=x.device)
         n_i = vvalid.shape[1] if i is None else int(per[i])
 
@@ -122,23 +124,36 @@ def plan(
         )
         return method.reduce(inp, keep_n if one is None else keep_n[one])
 
+    order = values = None  # an OrderedPlan's additions (official parity modes): slot order, slot values
     if bool((keep_n == keep_n[0]).all()) and bool((per == per[0]).all()) and len(set(grids)) == 1:
-        keep, target = run(None)
+        p = run(None)
+        keep, target = p
+        order, values = ordered.parts(p)
     else:  # samples keep different counts: plan each alone (a selection takes one k)
         n = vvalid.shape[1]
         keep = torch.zeros_like(vvalid)
         target = None
         for i in range(b):
-            kk, tt = run(i)
+            p = run(i)
+            kk, tt = p
+            oo, vv = ordered.parts(p)
             keep[i, : kk.shape[1]] = kk[0]
             if tt is not None:
                 if target is None:
                     target = torch.full((b, n), -1, dtype=torch.long, device=x.device)
                 target[i, : tt.shape[1]] = tt[0]
+            if oo is not None:
+                if order is None:
+                    order = torch.zeros(b, n, dtype=torch.float64, device=x.device)
+                order[i, : oo.shape[1]] = oo[0]
+            if vv is not None:
+                if values is None:
+                    values = x.new_zeros(b, n, vv.shape[-1], dtype=vv.dtype)
+                values[i, : vv.shape[1]] = vv[0]
     keep = keep & vvalid
     if target is not None:
         target = target.masked_fill(keep | ~vvalid, -1)
-    return _apply(c, x_seq, x, size, vis, vpos, vvalid, keep, target)
+    return _apply(c, x_seq, x, size, vis, vpos, vvalid, keep, target, order, values)
 
 
 def _apply(
@@ -151,24 +166,35 @@ def _apply(
     vvalid: torch.Tensor,
     keep: torch.Tensor,
     target: torch.Tensor | None,
+    order: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge the visual tokens ``x`` by the plan, write each slot at its representative's sequence position and
-    return (sequence, positions that stay); the call's source map and slot sizes follow."""
+    return (sequence, positions that stay); the call's source map and slot sizes follow. An
+    :class:`~tokenthin.methods.base.OrderedPlan`'s ``values`` replace the slots' means and its ``order`` permutes
+    the slots over the same positions (the language model reads them in that order)."""
     assert c.valid is not None and c.src is not None
     b = vvalid.shape[0]
     plan_ = assign.build(keep, target)
     x_new, size_new = assign.merge(x, size, plan_)
+    x_new = ordered.slot_values(x_new, plan_, values)
+    dst = plan_.dst
+    perm = ordered.slot_order(plan_, order)
+    if perm is not None:  # place j reads slot perm[j]: slot s moves to place inv[s]
+        x_new, size_new = assign.rows(x_new, perm), size_new.gather(1, perm)
+        inv = torch.argsort(perm, 1)
+        dst = torch.where(dst >= 0, inv.gather(1, dst.clamp(min=0)), dst)
     slot_valid = torch.arange(plan_.n_out, device=x.device).unsqueeze(0) < plan_.counts.unsqueeze(1)
     rep = vpos.gather(1, plan_.slot_src)  # (B, n_out) sequence position of each slot's representative
     seq = x_seq
     bi = torch.arange(b, device=x.device).unsqueeze(1).expand_as(rep)
-    if plan_.merges:
+    if plan_.merges or values is not None or perm is not None:
         seq = x_seq.clone()
         seq[bi[slot_valid], rep[slot_valid]] = x_new[slot_valid].to(seq.dtype)
     is_rep = torch.zeros_like(vis)
     is_rep[bi[slot_valid], rep[slot_valid]] = True
     keep_seq = c.valid & (~vis | is_rep)  # text, structure tokens and the slots' representatives
-    dst = plan_.dst.masked_fill(~vvalid, -1)
+    dst = dst.masked_fill(~vvalid, -1)
     c.src = torch.where(c.src >= 0, dst.gather(1, c.src.clamp(min=0)), c.src)
     c.size = size_new.masked_fill(~slot_valid, 0)
     return seq, keep_seq

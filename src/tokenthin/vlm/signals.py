@@ -5,6 +5,8 @@ the language model's attention (recomputed from a layer's captured queries and k
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from ..adapters.hf_vision import HFVisionAdapter
@@ -15,20 +17,41 @@ from ..scores.attention import cls_attention, mean_attention
 from .state import Call
 
 
+def _allowed(c: Call, r: int, t: int, device: torch.device) -> torch.Tensor:
+    """(B, 1, R, T) True where query row ``t - R + i`` may attend key j (causal, not padding)."""
+    assert c.valid is not None
+    qi = torch.arange(t - r, t, device=device).unsqueeze(1)
+    allowed = (torch.arange(t, device=device).unsqueeze(0) <= qi).unsqueeze(0) & c.valid[:, None, :]
+    return allowed.unsqueeze(1)
+
+
+def _captured(c: Call, layer: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    lq, lk, pe = c.lm_q.get(layer), c.lm_k.get(layer), c.pos_emb.get(layer)
+    if lq is None or lk is None or pe is None:
+        raise TokenThinError("internal: language-model queries/keys were not captured")
+    return lq, lk, pe
+
+
 def lm_logits(adapter: VLMAdapter, c: Call, layer: int, last_only: bool) -> torch.Tensor:
     """Attention logits of language-model layer ``layer`` at prefill, (B, H, R, T) for R query rows (the last
     one, or all), recomputed from the layer's captured queries and keys with its rotary embedding (no eager
     pass); causal and padding entries are -inf."""
-    lq, lk, pe = c.lm_q.get(layer), c.lm_k.get(layer), c.pos_emb.get(layer)
-    if lq is None or lk is None or pe is None:
-        raise TokenThinError("internal: language-model queries/keys were not captured")
-    assert c.valid is not None
-    t = lk.shape[1]
+    lq, lk, pe = _captured(c, layer)
     logits = adapter.lm_logits(layer, lq, lk, pe, last_only)  # (B, H, R, T)
-    r = logits.shape[2]
-    qi = torch.arange(t - r, t, device=logits.device).unsqueeze(1)
-    allowed = (torch.arange(t, device=logits.device).unsqueeze(0) <= qi).unsqueeze(0) & c.valid[:, None, :]
-    return logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    return logits.masked_fill(~_allowed(c, logits.shape[2], lk.shape[1], logits.device), float("-inf"))
+
+
+def lm_logit_blocks(adapter: VLMAdapter, c: Call, layer: int, floats: int) -> Iterator[torch.Tensor]:
+    """The logits of :func:`lm_logits` (all query rows) a few heads at a time, (B, h, T, T) with
+    ``B * h * T * T <= floats`` (at least one head): the rotary is applied once, and no (B, H, T, T) map exists."""
+    lq, lk, pe = _captured(c, layer)
+    qh, kh = adapter.lm_heads_qk(layer, lq, lk, pe, last_only=False)  # (B, H, T, d) each
+    b, n_heads, t, _ = qh.shape
+    blocked = ~_allowed(c, t, t, qh.device)
+    step = max(1, floats // max(b * t * t, 1))
+    for h in range(0, n_heads, step):
+        logits = (qh[:, h : h + step].float() @ kh[:, h : h + step].float().transpose(-1, -2)) * adapter.lm_scale
+        yield logits.masked_fill_(blocked, float("-inf"))
 
 
 class VLMSignals(SignalSource):
@@ -97,3 +120,9 @@ class VLMSignals(SignalSource):
         causal and padding masked with -inf); ``ReduceInput.prompt_pos`` says where the visual tokens are."""
         logits = lm_logits(self.adapter, self.call, layer, last_only=False)
         return logits if self.rows is None else logits[self.rows]
+
+    def lm_attention_blocks(self, layer: int, floats: int = 1 << 20) -> Iterator[torch.Tensor]:
+        """The logits of :meth:`lm_attention_logits`, a few heads at a time ((B, h, T, T), about ``floats``
+        values each), for scores that reduce each head on its own (AIM's PageRank)."""
+        for logits in lm_logit_blocks(self.adapter, self.call, layer, floats):
+            yield logits if self.rows is None else logits[self.rows]

