@@ -10,6 +10,9 @@ method without a ``ratio`` parameter), one denoiser call (one sampling step, the
 * peak memory: activation memory of one call (:mod:`tokenthin.bench.memory`: CUDA's allocator peak, on CPU every
   tensor storage made inside the call), reduced and unreduced, and their ratio;
 * own share: tokenthin's planning, merging and unmerging as a share of the reduced call's time;
+* ``time_ratio_from_modules``: 1 - (level-0 self-attention time saved) / unreduced step + own share, an
+  estimate that needs only the merged modules' times (robust when other load on the machine makes whole-step times
+  swing between rounds);
 * level-0 self-attention share: the unreduced call's time inside the self-attention modules of the blocks tomesd
   merges by default (level 0): with only self-attention merged, the most a method can save (the ceiling).
 
@@ -280,6 +283,8 @@ def measure(
                 # the self-attention modules of the blocks tomesd merges by default (level 0), unreduced and reduced
                 "level0_attention_s": (med[None][2], med[cfg][2]),
                 "level0_attention_share": med[None][2] / med[None][0],
+                # a noise-robust estimate: the step minus what the merged modules saved, plus tokenthin's own time
+                "time_ratio_from_modules": 1 - (med[None][2] - med[cfg][2]) / med[None][0] + rt.overhead_s / dt,
                 "peak_full_mb": full_mb,
                 "peak_reduced_mb": m["mb"] or 0.0,
                 "memory_ratio": (m["mb"] or 0.0) / max(full_mb, 1e-9),

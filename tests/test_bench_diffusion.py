@@ -43,7 +43,7 @@ def test_quick_run_writes_rows_and_table(tmp_path: Path) -> None:
         assert r["time_ratio"] > 0 and r["memory_ratio"] > 0 and 0 <= r["own_share"] < 1 and r["merged_tokens"] > 0
         assert len(r["round_ratios"]) == 1 and r["processor"] in ("sdpa", "eager")
     assert all("time_ratio_extrapolated" in r for r in done if r["shape"] == "sdxl")
-    assert all(0 < r["level0_attention_share"] < 1 for r in done)
+    assert all(0 < r["level0_attention_share"] < 1 and r["time_ratio_from_modules"] > 0 for r in done)
     saved = json.loads((tmp_path / "bench_diffusion.json").read_text())
     assert saved["meta"]["threads"] >= 1 and len(saved["rows"]) == len(rows)
     md = (tmp_path / "bench_diffusion.md").read_text()
