@@ -117,6 +117,28 @@ def test_dynamic_method_runs_with_hook_guards() -> None:
             assert tokenthin.info(model).sample_tokens == counts
 
 
+def test_reconfigure_compiled_model_with_hook_guards() -> None:
+    """apply -> compile -> remove -> apply other settings on the same compiled model: with dynamo guarding module
+    hooks (what the README and benchmarks/gpu.py set), every call follows the hooks the model has now."""
+    x = _images(2)
+    model = build("vit")
+    plain = outputs(model, x)
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        compiled = torch.compile(model, backend="eager")
+        tokenthin.apply(model, "tome", r=4)
+        ref4 = outputs(model, x)
+        assert max_diff(ref4, outputs(compiled, x)) <= TOL
+        tokenthin.remove(model)
+        assert max_diff(plain, outputs(compiled, x)) <= TOL  # no stale hooks after remove()
+        tokenthin.apply(model, "random", keep=0.5, site="layer:1", seed=0)
+        ref_r = outputs(model, x)
+        # a different reduction (another token count), so a stale graph would be caught
+        assert ref4["last_hidden_state"].shape != ref_r["last_hidden_state"].shape
+        assert max_diff(ref_r, outputs(compiled, x)) <= TOL
+        tokenthin.apply(model, "tome", r=2, replace=True)
+        assert max_diff(outputs(model, x), outputs(compiled, x)) <= TOL
+
+
 def test_graph_break_inside_a_method_refuses_clearly() -> None:
     """A method that reads a count back from the data breaks the graph inside tokenthin's hooks: refused at once
     (dynamo would otherwise run later calls with another layer's capture hooks), not a wrong result later."""
