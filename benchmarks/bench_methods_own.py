@@ -27,7 +27,8 @@ the share divides it by the reduced call it is part of. "Method CPU" is the thre
         [--sizes ocr-1024,dinov2-224,dinov2-448,dinov2-518,llava-576,llava-2880]
         [--methods coverage,mmtok,divprune,kcenter,hiprune,aim,pitome] [--repeats 3] [--json out.jsonl]
 
-``--methods all``: every method the host takes (goal 1's table: ``--sizes dinov2-224,dinov2-448,dinov2-518
+``--keep 0.75,0.5,0.25,0.1`` runs ``ocr-1024`` at each keep (goal 2's table, with one-thread CPU ratios and own
+shares). ``--methods all``: every method the host takes (goal 1's table: ``--sizes dinov2-224,dinov2-448,dinov2-518
 --methods all``; ``dtome`` calibrates on 8 other images). Sizes whose weights are missing are skipped with a line
 saying why. Methods a host cannot run get an ``n/a`` row.
 """
@@ -124,36 +125,43 @@ def _interleaved_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[f
 # --------------------------------------------------------------------------------------------- encoder hosts
 
 
-def ocr_rows(methods: list[str], keep: float, repeats: int, new_tokens: int) -> list[dict[str, Any]]:
+def ocr_rows(methods: list[str], keeps: list[float], repeats: int, new_tokens: int) -> list[dict[str, Any]]:
     from tokenthin.bench.ocr import formulas
     from tokenthin.models import latex_ocr as lo
 
     model = lo.load_latex_ocr()
     pv = lo.preprocess([lo.render_formula(t) for t in formulas(12, 0)])
+    takes = [m["name"] for m in tokenthin.methods() if not tokenthin.support(m["name"], "hf_encoder_decoder")]
+    methods = takes if methods == ["all"] else methods
 
     @torch.inference_mode()
     def decode() -> None:
         lo.generate_ids(model, pv, new_tokens)
 
     rows = []
-    for name in [m for m in methods if m in ENCODER_METHODS]:
-        row: dict[str, Any] = {"size": "ocr-1024", "method": name, "tokens": 1024, "batch": pv.shape[0], "keep": keep}
-        try:
-            tokenthin.apply(model, name, keep=keep, site="output")
-            rt = tokenthin.runtime_of(model)
-            decode()
-            own, wall, cpu = _own_and_time(rt, decode, repeats)
-            full, red = _interleaved(rt, decode, repeats)
-            full_cpu, red_cpu = _interleaved_cpu(rt, decode, repeats)
-            row.update(own_ms=own * 1e3, reduce_cpu_ms=cpu * 1e3, share=own / wall, of="generate()")
-            row.update(reduced_ms=wall * 1e3, ratio=red / full, cpu_ratio=red_cpu / full_cpu)
-        except TokenThinError as exc:
-            row["error"] = str(exc).split(";")[0]
-        finally:
-            if tokenthin.is_applied(model):
-                tokenthin.remove(model)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    for name in [m for m in methods if m in takes]:
+        for keep in keeps:
+            row: dict[str, Any] = {"size": "ocr-1024", "method": name, "tokens": 1024, "batch": pv.shape[0]}
+            row["keep"] = keep
+            try:
+                extra = {"calibration": pv[:4]} if name == "dtome" else {}
+                tokenthin.apply(model, name, keep=keep, site="output", **extra)
+                rt = tokenthin.runtime_of(model)
+                decode()
+                own, wall, cpu = _own_and_time(rt, decode, repeats)
+                own_cpu, red_cpu_own = _own_cpu(rt, decode, repeats)
+                full, red = _interleaved(rt, decode, repeats)
+                full_cpu, red_cpu = _interleaved_cpu(rt, decode, repeats)
+                row.update(own_ms=own * 1e3, reduce_cpu_ms=cpu * 1e3, share=own / wall, of="generate()")
+                row.update(share_cpu=own_cpu / red_cpu_own)
+                row.update(reduced_ms=wall * 1e3, ratio=red / full, cpu_ratio=red_cpu / full_cpu)
+            except TokenThinError as exc:
+                row["error"] = str(exc).split(";")[0]
+            finally:
+                if tokenthin.is_applied(model):
+                    tokenthin.remove(model)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -247,6 +255,21 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
             f"{r['measured_cpu']:.2f} | {r['measured_cpu'] / p:.2f} | {100 * r['share']:.1f}% | "
             f"{100 * r['share_cpu']:.1f}% |"
         )
+    return "\n".join(lines)
+
+
+def slowdown_table(rows: list[dict[str, Any]]) -> str:
+    """Issue 9, goal 2: ``generate()`` time reduced / unreduced per method and keep (below 1: faster)."""
+    lines = [
+        "| method | keep | generate time ratio (wall) | (1-thread CPU) | own share (wall) | own share (1-thread CPU) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "cpu_ratio" in r and "share_cpu" in r:
+            lines.append(
+                f"| {r['method']} | {r['keep']} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {100 * r['share']:.1f}% | "
+                f"{100 * r['share_cpu']:.1f}% |"
+            )
     return "\n".join(lines)
 
 
@@ -354,7 +377,7 @@ def main() -> None:
     p.add_argument("--sizes", default="ocr-1024,dinov2-224,dinov2-448,dinov2-518,llava-576,llava-2880")
     p.add_argument("--methods", default=",".join(dict.fromkeys(ENCODER_METHODS + VLM_METHODS)))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--keep", type=float, default=0.75, help="ocr-1024: keep fraction (the issue's worst case)")
+    p.add_argument("--keep", default="0.75", help="ocr-1024: keep fractions, comma-separated (0.75: the worst case)")
     p.add_argument("--vlm-keep", type=float, default=0.25)
     p.add_argument("--flops", type=float, default=0.5, help="dinov2-*: FLOPs target")
     p.add_argument("--new-tokens", type=int, default=48, help="ocr-1024: tokens generated per formula")
@@ -367,7 +390,7 @@ def main() -> None:
     for size in args.sizes.split(","):
         try:
             if size == "ocr-1024":
-                rows += ocr_rows(methods, args.keep, args.repeats, args.new_tokens)
+                rows += ocr_rows(methods, [float(k) for k in args.keep.split(",")], args.repeats, args.new_tokens)
             elif size in DINOV2_SIZES:
                 rows += dinov2_rows(methods, args.flops, args.repeats, size)
             elif size in ("llava-576", "llava-2880"):
@@ -381,9 +404,12 @@ def main() -> None:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     print(table(rows))
-    if any("share_cpu" in r for r in rows):
+    if any("share_cpu" in r and "predicted" in r for r in rows):
         print()
         print(speed_table(rows))
+    if any("share_cpu" in r and "cpu_ratio" in r for r in rows):
+        print()
+        print(slowdown_table(rows))
 
 
 if __name__ == "__main__":
