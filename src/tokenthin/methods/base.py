@@ -89,6 +89,11 @@ class ReduceInput:
       the candidate count of every sample, known from the shapes. The runtime then passes ``keep`` as an int.
     * ``step``: (B,) float64 on CPU, on a denoiser: each sample's timestep value in this call (methods seed their
       randomness from it, so that a sample's plan does not depend on the batch it is in).
+    * ``order``: (B, N) long, on an encoder host after an earlier reduction of this call returned an
+      :class:`OrderedPlan` with an ``order`` (an official parity mode, e.g. ToMe's): each token's place in the
+      token order the official code would hold now (0 first; padding last); None: positional order. The tokens
+      themselves stay in positional order, so a method that splits by position (ToMe's alternate A / B) reads
+      this to split as the official code does.
     """
 
     x: torch.Tensor  # (B, N, D) hidden states after encoder layer ``layer``
@@ -112,6 +117,7 @@ class ReduceInput:
     tower_slot: torch.Tensor | None = None
     step: torch.Tensor | None = None
     fixed: int | None = None  # candidate tokens of every sample, where known from the shapes (no padding)
+    order: torch.Tensor | None = None  # (B, N) place of each token in an official mode's token order (None: positional)
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         key = (self.valid, self.num_protected)
@@ -182,7 +188,9 @@ class OrderedPlan(tuple):
     * ``values`` (B, N, D) or None: the value of each kept token's slot, where the official merge is not the
       size-weighted mean (rows of tokens that are not kept are ignored).
 
-    Encoder and denoiser runtimes apply ``keep`` / ``target`` only (positional order, size-weighted means)."""
+    The encoder runtime applies ``keep`` / ``target`` (positional order, size-weighted means) and carries ``order``
+    to the next reduction point of the call (:attr:`ReduceInput.order`) and to ``tokenthin.info(model).order``;
+    denoiser runtimes apply ``keep`` / ``target`` only."""
 
     order: torch.Tensor | None
     values: torch.Tensor | None

@@ -29,7 +29,18 @@ Choices left open, and ours:
   overrun it for ``alpha`` near 1); exactly ``k`` patch tokens are kept;
 * LLaVA-NeXT runs the same selection per crop with the budget split evenly; here a sample must be one image's
   full patch grid (one image per prompt, or a ViT before any other reduction), otherwise the method refuses;
-* protected tokens ([CLS], registers) are kept on top of ``k``; ties go to the lowest token index.
+* protected tokens ([CLS], registers) are kept on top of ``k``; ties go to the lowest token index (official:
+  ``torch.topk``, unspecified on ties).
+
+``official=True`` reproduces the released selection (``encode_images``): ``a = round(k * alpha / 5)`` with no cap;
+the buffers of an anchor at flat patch index ``i`` are ``i - 1, i + 1, i - w, i + w`` clamped to ``[0, n - 1]``
+(the release hard-codes ``w = 24`` and ``n - 1 = 575``, LLaVA-1.5's grid; here the grid's own width and size), so
+an anchor at a row end takes the next row's first token, one at a row start the previous row's last token, and
+any anchor in the first (last) row adds token 0 (n - 1), an official quirk; registers fill the rest by the deep
+layer's score among the tokens not chosen; kept tokens in their original order (as the release sorts them). Where
+anchors and buffers overrun ``k`` (``alpha`` near 1) the release fails (``torch.topk`` with a negative count); this
+mode raises an error there. The release's per-batch budget ``int(RETENTION / B)`` (LLaVA-NeXT: the crops of one
+image share it evenly) is not reproduced: one image's full grid per sample, as in the default.
 """
 
 from __future__ import annotations
@@ -52,6 +63,24 @@ def _alpha(v: Any) -> str | None:
 def _object_layer(v: Any) -> str | None:
     ok = v is None or (isinstance(v, int) and not isinstance(v, bool))
     return None if ok else "must be None (scaled from the paper's layer 9 of 24) or an encoder layer index"
+
+
+def _flag(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be True (the official code's selection) or False"
+
+
+def flat_neighbours(anchors: torch.Tensor, w: int) -> torch.Tensor:
+    """(B, n) anchors with the release's buffers: flat indices ``i +- 1`` and ``i +- w``, clamped to the grid's
+    first and last token (no row awareness: a row end's ``i + 1`` is the next row's first token)."""
+    n = anchors.shape[1]
+    out = anchors.clone()
+    out[:, 1:] |= anchors[:, :-1]
+    out[:, :-1] |= anchors[:, 1:]
+    out[:, w:] |= anchors[:, :-w]
+    out[:, :-w] |= anchors[:, w:]
+    out[:, 0] |= anchors[:, :w].any(1)  # i - w < 0 clamps to 0 (i - 1 < 0 only for i = 0, already chosen)
+    out[:, n - 1] |= anchors[:, n - w :].any(1)  # i + w > n - 1 clamps to n - 1
+    return out
 
 
 def _score_kind(v: Any) -> str | None:
@@ -87,6 +116,12 @@ class HiPrune(Method):
             "attention)",
             _score_kind,
         ),
+        "official": Param(
+            False,
+            "reproduce the released selection: anchors round(alpha * k / 5) uncapped, buffers by flat index "
+            "(wrapping across rows, clamped to the first / last token)",
+            _flag,
+        ),
     }
 
     def __init__(self, **kwargs: Any) -> None:
@@ -112,16 +147,27 @@ class HiPrune(Method):
         obj = (deep_full if same else attention_score(inp, self.p["score"], obj_layer, self.name))[:, P:]
         deep = deep_full[:, P:]
         b, n = deep.shape
-        a = min(round(k * self.p["alpha"] / 5), k // 5)
+        official = self.p["official"]
+        a = round(k * self.p["alpha"] / 5)
+        a = a if official else min(a, k // 5)
         no_group = torch.zeros(b, n, dtype=torch.long, device=deep.device)
         anchors = (rank_in_groups(obj, no_group, 1) < a).view(b, h, w)
-        chosen = anchors.clone()
-        chosen[:, 1:] |= anchors[:, :-1]
-        chosen[:, :-1] |= anchors[:, 1:]
-        chosen[:, :, 1:] |= anchors[:, :, :-1]
-        chosen[:, :, :-1] |= anchors[:, :, 1:]
-        chosen = chosen.view(b, n)
-        registers = k - chosen.sum(1, keepdim=True)  # (B, 1), >= 0 since at most 5 a <= k are chosen
+        if official:
+            chosen = flat_neighbours(anchors.view(b, n), w)
+        else:
+            chosen = anchors.clone()
+            chosen[:, 1:] |= anchors[:, :-1]
+            chosen[:, :-1] |= anchors[:, 1:]
+            chosen[:, :, 1:] |= anchors[:, :, :-1]
+            chosen[:, :, :-1] |= anchors[:, :, 1:]
+            chosen = chosen.view(b, n)
+        registers = k - chosen.sum(1, keepdim=True)  # (B, 1), >= 0 by default: at most 5 a <= k are chosen
+        if official and bool((registers < 0).any()):
+            raise TokenThinError(
+                f"'hiprune' with official=True: {a} anchors and their buffers ({int(chosen.sum(1).max())} tokens) "
+                f"overrun the budget of {k}, where the released code fails; use a smaller alpha, or the default "
+                "official=False (anchors capped at k // 5)"
+            )
         rank = rank_in_groups(deep, chosen.long(), 2)  # registers rank among the tokens not chosen (group 0)
         chosen = chosen | (rank < registers)
         if int(chosen.sum(1).min()) != k or int(chosen.sum(1).max()) != k:

@@ -50,3 +50,27 @@ def apply(x: torch.Tensor, size: torch.Tensor, plan: Any) -> tuple[torch.Tensor,
         out = assign.rows(out, perm)
         size_out = size_out.gather(1, perm)
     return out, size_out
+
+
+def ranks(a: assign.Assignment, order: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, n_out) long: each slot's place when the slots are read by ascending ``order`` (B, N) of their
+    representative (the inverse of :func:`slot_order`); None for positional order. An encoder runtime carries it
+    from one reduction to the next as :attr:`~tokenthin.methods.base.ReduceInput.order`."""
+    perm = slot_order(a, order)
+    if perm is None:
+        return None
+    place = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+    return torch.empty_like(perm).scatter_(1, perm, place)
+
+
+def places(order: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) long: the place of every token in the order ``order`` (B, N) describes (ascending; None: positional),
+    valid tokens first, padding after them (ties: positional)."""
+    n = valid.shape[1]
+    key = torch.arange(n, device=valid.device, dtype=torch.float64).expand(valid.shape)
+    if order is not None:
+        key = order.to(torch.float64)
+    key = key.masked_fill(~valid, float("inf"))
+    seq = torch.sort(key, dim=1, stable=True).indices  # place -> token
+    place = torch.arange(n, device=valid.device).expand_as(seq)
+    return torch.empty_like(seq).scatter_(1, seq, place)

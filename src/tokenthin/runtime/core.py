@@ -20,10 +20,10 @@ from torch import nn
 from ..adapters.contract import Adapter, Layout
 from ..budget import Schedule, flops_fraction, tokens_per_layer
 from ..errors import InputMismatchError
-from ..methods.base import Method, ReduceInput, SignalSource
-from ..ops import assign
+from ..methods.base import Method, OrderedPlan, ReduceInput, SignalSource
+from ..ops import assign, ordered
 from .block import block_merge, block_unmerge
-from .state import CallState, Source, TokenInfo, _cpu_threads, _Signals, _Sub, _sync, _trimmed, key_bias
+from .state import CallState, Source, TokenInfo, _cpu_threads, _Signals, _Sub, _sync, _trimmed, grid_source, key_bias
 from .tracing import check_traceable, one_frame
 
 Planner = Callable[[Layout], Schedule]
@@ -144,17 +144,11 @@ class Runtime:
             hh, ww = self.method.input_size(H, W, p, sched.keep)  # type: ignore[arg-type]
             if (hh, ww) != (H, W):
                 h, w = layout.grid
-                st.source.start = self._grid_source(h, w, hh // p, ww // p, x.device).expand(st.batch, -1)
+                P = a.num_protected
+                st.source.start = grid_source(P, h, w, hh // p, ww // p, x.device).expand(st.batch, -1)
                 st.pristine = False
                 return a.shrink_input(args, kwargs, (hh, ww))
         return None
-
-    def _grid_source(self, h: int, w: int, sh: int, sw: int, device: torch.device) -> torch.Tensor:
-        P = self.adapter.num_protected
-        rows = (torch.arange(h, device=device) * sh) // h
-        cols = (torch.arange(w, device=device) * sw) // w
-        cell = (rows[:, None] * sw + cols[None, :]).reshape(-1) + P
-        return torch.cat([torch.arange(P, device=device), cell]).unsqueeze(0)
 
     def _make_pre(self, i: int):
         layer_input = self.adapter.layer_input
@@ -252,6 +246,7 @@ class Runtime:
         b, n = inp.valid.shape
         keep = torch.zeros(b, n, dtype=torch.bool, device=inp.x.device)
         target: torch.Tensor | None = None
+        order: torch.Tensor | None = None  # an OrderedPlan's order, assembled over the groups
         groups = torch.stack([keep_n, inp.counts], 1).unique(dim=0)
         for g in groups:
             idx = ((keep_n == g[0]) & (inp.counts == g[1])).nonzero().squeeze(1)
@@ -267,9 +262,15 @@ class Runtime:
                 signals=_Sub(inp.signals, rows=idx),
                 calibrating=inp.calibrating,
                 layout=inp.layout,
+                order=None if inp.order is None else inp.order[idx],
             )
             trimmed = _trimmed(sub) if trim else None
-            k, t = self.method.reduce(sub if trimmed is None else trimmed, keep_n[idx])
+            got = self.method.reduce(sub if trimmed is None else trimmed, keep_n[idx])
+            k, t = got
+            o = ordered.parts(got)[0]
+            if o is not None:
+                order = torch.zeros(b, n, dtype=torch.float64, device=inp.x.device) if order is None else order
+                order[idx, : o.shape[1]] = o.to(torch.float64)
             if k.shape[1] < n:  # planned on the real tokens: the padding is neither kept nor merged
                 k = torch.cat([k, k.new_zeros(k.shape[0], n - k.shape[1])], 1)
                 t = None if t is None else torch.cat([t, t.new_full((t.shape[0], n - t.shape[1]), -1)], 1)
@@ -278,7 +279,7 @@ class Runtime:
                 if target is None:
                     target = torch.full((b, n), -1, dtype=torch.long, device=inp.x.device)
                 target[idx] = t
-        return keep, target
+        return (keep, target) if order is None else OrderedPlan(keep, target, order)
 
     def assignment(
         self, st: CallState, i: int, x: torch.Tensor, signals: SignalSource, pristine: bool
@@ -307,6 +308,7 @@ class Runtime:
             calibrating=self.calibrating,
             layout=st.layout,
             fixed=n - P if fixed else None,
+            order=st.order,
         )
         n_out: int | None = None
         if fixed:
@@ -314,7 +316,7 @@ class Runtime:
             k = st.schedule.keep_fixed(i, n - P, st.content)
             if st.schedule.site == "block" and k >= n - P:
                 return None
-            keep, target = self.method.reduce(inp, k)
+            got = self.method.reduce(inp, k)
             n_out = P + self.method.output_count(k, inp)
         else:
             if torch.compiler.is_compiling():
@@ -322,7 +324,9 @@ class Runtime:
             keep_n = st.schedule.keep_at(i, inp.counts, st.content, self.method.dynamic)
             if st.schedule.site == "block" and bool((keep_n >= inp.counts).all()):
                 return None
-            keep, target = self._plan(inp, keep_n, trim=pristine and st.layout.padding is not None)
+            got = self._plan(inp, keep_n, trim=pristine and st.layout.padding is not None)
+        keep, target = got
+        st.plan_order = ordered.parts(got)[0]
         keep = keep.clone()
         keep[:, :P] = True
         if not fixed:
@@ -342,6 +346,7 @@ class Runtime:
         st.n_cur = plan.n_out
         assert st.source is not None
         st.source.add(plan.dst)  # composed only if someone reads it (unmerge, info().source)
+        st.order = ordered.ranks(plan, st.plan_order)  # an official mode's token order, for the next point
         st.pristine = False
         st.sized = st.sized or plan.merges  # some token stands for more than one (sizes stay > 1 once merged)
         needed = st.valid is not None or (st.sized and self.prop_attn)
@@ -372,6 +377,7 @@ class Runtime:
             kept=kept,
             source_map=st.source if reduced else None,
             layer_valid=st.layer_valid,
+            order=None if st.order is None else torch.argsort(st.order, dim=1),
         )
         if self.unmerge and reduced:
             assert st.source is not None

@@ -76,6 +76,15 @@ class Source:
         return self._done
 
 
+def grid_source(p: int, h: int, w: int, sh: int, sw: int, device: torch.device) -> torch.Tensor:
+    """(1, p + h * w) original token -> token of an ``sh`` x ``sw`` grid the input site shrank an ``h`` x ``w`` grid
+    to (``p`` protected tokens first)."""
+    rows = (torch.arange(h, device=device) * sh) // h
+    cols = (torch.arange(w, device=device) * sw) // w
+    cell = (rows[:, None] * sw + cols[None, :]).reshape(-1) + p
+    return torch.cat([torch.arange(p, device=device), cell]).unsqueeze(0)
+
+
 def compose_dst(source: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """``source`` (B, N0) after a reduction whose slot map is ``dst`` (B, N): see ``assign.compose_source``."""
     return torch.where(source >= 0, dst.gather(1, source.clamp(min=0)), source)
@@ -93,6 +102,10 @@ class TokenInfo:
     kept: list[int]  # output tokens per sample (protected included)
     source_map: Source | None = field(default=None, repr=False)
     layer_valid: list[torch.Tensor | None] = field(default_factory=list, repr=False)  # per layer; None: no padding
+    # an official parity mode's output order (ToMe's [unmerged A, B]): place -> output token, so that
+    # ``out.gather(1, order)`` is the tokens as the official code returns them; None: positional (the output itself
+    # stays positional, as do ``size``, ``valid`` and ``source``)
+    order: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def sample_tokens(self) -> list[list[int]]:
@@ -128,6 +141,8 @@ class CallState:
     sized: bool = False  # a merge happened (token sizes differ from 1)
     n_cur: int | None = None  # tokens after the last reduction
     block: dict[int, tuple] = field(default_factory=dict)  # site "block": layer -> (input, reduced input, source, bias)
+    order: torch.Tensor | None = None  # (B, n_cur) place of each token in an official mode's order (ReduceInput.order)
+    plan_order: torch.Tensor | None = None  # the last plan's OrderedPlan.order (sort key over its input tokens)
 
 
 class _Signals(SignalSource):
