@@ -72,7 +72,8 @@ def _in_window(f: float, target: float) -> bool:
 
 def test_default_never_collapses_below_the_old_constant_rule() -> None:
     """Property, on random shapes and targets: the default schedule keeps at least the tokens the old constant-r
-    choice kept (where both meet the target), and no candidate schedule meeting the target merges a smaller share of a layer's tokens."""
+    choice kept (where both meet the target), and no candidate schedule meeting the target merges a smaller share
+    of a layer's tokens."""
     rng = random.Random(0)
     for _ in range(12):
         n, steps, cost, target = _random_case(rng)
