@@ -5,11 +5,11 @@ to the unreduced model, saliency-map Pearson r after unmerge, and (``--knn``) Fa
 
 * ``rule:<method>:<rule>``: a merge method at site ``layers`` with the schedule that solver rule picks
   (:mod:`tokenthin.solver`: ``hold``, ``sum_log``, ``constant``);
-* ``cap:<m>[:<rule>]``: ``resize-tome`` with ``max_merge=m`` (and that solver rule);
+* ``cap:<m>[:<rule>]``: ``resize-tome`` with ``min_keep=m`` (and that solver rule);
 * ``<method>``: a method with ``flops=`` as ``tokenthin bench`` applies it (e.g. ``downsample``).
 
     PYTHONPATH=src python benchmarks/bench_solver.py --budgets 0.25,0.5,0.75 rule:tome:hold rule:tome:constant \\
-        cap:0.15 downsample [--knn]
+        cap:0.2 downsample [--knn]
 
 Prints one line per configuration and budget (and appends them as JSON to ``--out``).
 """
@@ -63,10 +63,10 @@ def apply_config(bm, name: str, flops: float, grid: tuple[int, int]) -> str:
             rule=rule,
         )
         tokenthin.apply(enc, method, r=list(s.r or ()), unmerge=True, image_size=bm.image_size)
-    elif name.startswith("cap:"):  # cap:<max_merge>[:<rule>]
+    elif name.startswith("cap:"):  # cap:<min_keep>[:<rule>]
         share = float(name.split(":")[1])
         solver.DEFAULT_RULE = name.split(":")[2] if name.count(":") == 2 else DEFAULT
-        tokenthin.apply(enc, "resize-tome", flops=flops, max_merge=share, unmerge=True, image_size=bm.image_size)
+        tokenthin.apply(enc, "resize-tome", flops=flops, min_keep=share, unmerge=True, image_size=bm.image_size)
     else:
         tokenthin.apply(enc, name, flops=flops, unmerge=True, image_size=bm.image_size)
     return tokenthin.explain(enc)["applied"]["schedule"]

@@ -114,37 +114,34 @@ def test_unknown_rule_is_refused() -> None:
         _resolve(VITS, (16, 16), 0.5, "fastest")
 
 
-def test_resize_split_merges_gently_and_shrinks_only_when_needed() -> None:
+def test_resize_split_shrinks_only_when_merging_would_keep_too_little() -> None:
     from tokenthin.methods.downsample import scaled_size
 
     def input_patches(f: float) -> int:
         h, w = scaled_size(224, 224, 14, f)
         return (h // 14) * (w // 14)
 
-    def plan(target: float, cap: float) -> budget.Schedule:
-        return _resolve(VITS, (16, 16), target, input_patches=input_patches, max_merge=cap)
+    def plan(target: float, min_keep: float) -> budget.Schedule:
+        return _resolve(VITS, (16, 16), target, input_patches=input_patches, min_keep=min_keep)
 
-    assert plan(0.75, 0.15) == _resolve(VITS, (16, 16), 0.75)  # gentle merging suffices: no resize
-    assert plan(1.0, 0.15).input_keep is None and sum(plan(1.0, 0.15).r) == 0
-    for target in (0.25, 0.4):
-        s = plan(target, 0.15)
+    assert plan(0.5, 0.2) == _resolve(VITS, (16, 16), 0.5)  # merging alone keeps enough: no resize
+    assert plan(1.0, 0.2).input_keep is None and sum(plan(1.0, 0.2).r) == 0
+    for target in (0.25, 0.3):
+        s = plan(target, 0.2)
         ip = input_patches(s.input_keep)
-        assert ip < 256 and solver.worst_share(s.r, ip) <= 0.15
+        assert ip < 256 and solver.counts_of(s.r, ip)[-1] >= 0.2 * ip
         got = budget.flops_fraction(s, VITS, (16, 16), ip)
         assert target - solver.BELOW - 1e-9 <= got <= target + solver.ABOVE + 1e-9
-        # the largest such size: one size up merges more than the cap (or misses the target)
-        bigger = [f for f in (k / 1000 for k in range(5, 1001, 5)) if input_patches(f) > ip]
-        up = min(bigger, key=input_patches)
-        rs, _ = solver.solve(
-            input_patches(up),
-            11,
-            lambda c, up=up: budget.flops_fraction(
-                budget.Schedule("layers", 12, r=c, input_keep=up), VITS, (16, 16), input_patches(up)
-            ),
-            target,
-        )
-        assert solver.worst_share(rs, input_patches(up)) > 0.15
-    assert input_patches(plan(0.25, 0.05).input_keep) < input_patches(plan(0.25, 0.15).input_keep)
+        # the largest such size: one size up, merging keeps less than asked
+        up = min((k / 1000 for k in range(5, 1001, 5) if input_patches(k / 1000) > ip), key=input_patches)
+        n_up = input_patches(up)
+
+        def cost(c: tuple[int, ...], up: float = up, n_up: int = n_up) -> float:
+            return budget.flops_fraction(budget.Schedule("layers", 12, r=c, input_keep=up), VITS, (16, 16), n_up)
+
+        rs, _ = solver.solve(n_up, 11, cost, target)
+        assert solver.counts_of(rs, n_up)[-1] < 0.2 * n_up
+    assert input_patches(plan(0.25, 0.4).input_keep) < input_patches(plan(0.25, 0.2).input_keep)
 
 
 def test_resize_tome_resizes_then_merges(images: torch.Tensor) -> None:

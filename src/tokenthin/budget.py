@@ -10,6 +10,10 @@ fraction of the image's patches, an int is a count. ``flops`` is a target fracti
 analytic FLOPs (see :mod:`tokenthin.flops`), solved into ``r`` or ``keep`` for each input shape the model is fed
 (the runtime caches one plan per shape; ``image_size=`` only sets the size ``explain()`` and apply-time checks use).
 
+For site ``layers`` a ``flops`` target is solved by :mod:`tokenthin.solver`: several schedule families, and the
+rule ``smooth`` (the smallest largest share of a layer's tokens merged; measured best on DINOv2-S, see there). A
+schedule may also carry ``input_keep`` (the image made smaller first: ``resize-tome``).
+
 Where ``flops`` is given for a single-site method without a site, the reduction point is placed after layer
 ``k = max(0, round(L * flops / 2) - 1)``: about half of the FLOPs budget is spent on full-resolution layers, the
 rest on the kept tokens. This is our rule, not a paper's; pass ``site="layer:k"`` to choose.
@@ -222,15 +226,15 @@ def resolve(
     dims: EncoderDims,
     grid: tuple[int, int],
     input_patches: Callable[[float], int] | None = None,
-    max_merge: float | None = None,
+    min_keep: float | None = None,
     rule: str | None = None,
 ) -> Schedule:
     """Turn the user's budget into a :class:`Schedule`, checking it against the model's default token count.
 
     ``input_patches``: the patch count of the image resized to a fraction of its patches (hosts with site
-    ``input``). ``max_merge``: for a method that resizes and merges (``resize-tome``), the largest share of a layer's
-    tokens one merge may take before the image is made smaller instead (see ``solver.solve_resized``); None: merging
-    only. ``rule``: how a merge schedule is chosen
+    ``input``). ``min_keep``: for a method that resizes and merges (``resize-tome``), the share of the input's
+    patches the merging must keep to the end before the image is made smaller instead (see
+    ``solver.solve_resized``); None: merging only. ``rule``: how a merge schedule is chosen
     among those meeting the target (None: ``solver.DEFAULT_RULE``; see :mod:`tokenthin.solver`)."""
     rule = rule or solver.DEFAULT_RULE
     L = dims.num_layers
@@ -281,10 +285,10 @@ def resolve(
             _check_r(rs, n_patches)
             return Schedule("layers", L, r=tuple(rs))
         target = _fraction(flops, "flops")
-        if max_merge is not None and input_patches is not None:
+        if min_keep is not None and input_patches is not None:
             f, rs, reached = solver.solve_resized(
                 target,
-                max_merge,
+                min_keep,
                 rule,
                 n_patches,
                 L - 1,

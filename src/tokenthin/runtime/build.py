@@ -65,7 +65,7 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
             dims=adapter.dims,
             grid=(layout.grid[0], layout.grid[1] * layout.frames),
             input_patches=input_patches if ("input" in sites or cls.resizes_input) else None,
-            max_merge=float(m.p["max_merge"]) if cls.resizes_input else None,
+            min_keep=float(m.p["min_keep"]) if cls.resizes_input else None,
         )
 
     schedule = planner(adapter.default_layout)
