@@ -44,8 +44,8 @@ SKIP = {"dtome"}  # calibrates on inputs: covered by its own tests on images
 METHODS = [
     n
     for n, c in all_methods().items()
-    if n not in SKIP and not c.needs_prompt and {"layers", "layer", "output"} & set(c.sites)
-]
+    if n not in SKIP and not c.needs_prompt and {"layers", "layer", "output"} & set(c.sites) and not c.resizes_input
+]  # resizes_input: needs an image (refused here: tests/test_solver.py)
 
 
 def build(host: str, attn: str = "sdpa") -> nn.Module:
@@ -185,7 +185,7 @@ def test_flops_budget_is_solved_for_the_length_fed() -> None:
     for n in (24, 16):
         run(model, ids[:, :n], None)
         tokens = tokenthin.info(model).tokens_per_layer
-        assert tokens[0] == n and tokens[-1] < tokens[1] < n
+        assert tokens[0] == n and tokens[-1] <= tokens[1] < n  # the solver may merge all of it early (tiny model)
     ids, mask = batch()
     with pytest.raises(tokenthin.TokenThinError, match="too large for this input"):
         run(model, ids, mask)

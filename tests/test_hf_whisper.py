@@ -65,6 +65,8 @@ def _cases() -> list[tuple[str, str]]:
     for name, cls in all_methods().items():
         if cls.needs_prompt or "cls_attn" in cls.signals:  # prompt readers / [CLS] scorers: refused (tested below)
             continue
+        if cls.resizes_input:  # resizes an image: refused on audio (as on text, tests/test_solver.py)
+            continue
         if hasattr(cls, "calibrate"):  # calibrates on inputs: test_calibrating_method_runs_on_audio
             continue
         for site in cls.sites:

@@ -206,6 +206,8 @@ def support(method: str, host: str) -> str | None:
     if cls.needs_prompt and a.kind != "vlm":
         return "reads a prompt"
     common = set(cls.sites) & set(a.sites)
+    if cls.resizes_input and "input" not in a.sites:
+        return "no input site (it resizes the image)"
     if not common:
         return "no common site (" + "/".join(cls.sites) + ")"
     missing = cls.signals & {"keys", "cls_attn", "mean_attn"} - a.signals

@@ -10,6 +10,10 @@ fraction of the image's patches, an int is a count. ``flops`` is a target fracti
 analytic FLOPs (see :mod:`tokenthin.flops`), solved into ``r`` or ``keep`` for each input shape the model is fed
 (the runtime caches one plan per shape; ``image_size=`` only sets the size ``explain()`` and apply-time checks use).
 
+For site ``layers`` a ``flops`` target is solved by :mod:`tokenthin.solver`: several schedule families, and the
+rule ``smooth`` (the smallest largest share of a layer's tokens merged; measured best on DINOv2-S, see there). A
+schedule may also carry ``input_keep`` (the image made smaller first: ``resize-tome``).
+
 Where ``flops`` is given for a single-site method without a site, the reduction point is placed after layer
 ``k = max(0, round(L * flops / 2) - 1)``: about half of the FLOPs budget is spent on full-resolution layers, the
 rest on the kept tokens. This is our rule, not a paper's; pass ``site="layer:k"`` to choose.
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import solver
 from .errors import BudgetError, SiteError
 from .flops import EncoderDims, encoder_flops
 
@@ -34,6 +39,17 @@ class Schedule:
     layer: int | None = None  # site "layer": the reduction point
     keep: float | int | None = None  # site "layer"/"input"/"block": fraction (float) or count (int) of patches kept
     blocks: tuple[int, ...] = ()  # site "block": layers computing on reduced tokens (merge -> compute -> unmerge)
+    # site "layers": the image is first resized to about this fraction of its patches (a method that chooses the
+    # input size and the merge schedule together, ``resize-tome``); None: the image as given
+    input_keep: float | None = None
+
+    @property
+    def input_fraction(self) -> float | None:
+        """The fraction of the patches the resized input image has (site ``input``, or ``input_keep``); None: the
+        image is not resized."""
+        if self.site == "input":
+            return float(self.keep)  # type: ignore[arg-type]
+        return self.input_keep
 
     @property
     def points(self) -> list[int]:
@@ -106,7 +122,8 @@ class Schedule:
 
     def describe(self) -> str:
         if self.site == "layers":
-            return f"site=layers r={list(self.r or ())}"
+            resize = "" if self.input_keep is None else f" input_keep={self.input_keep}"
+            return f"site=layers r={list(self.r or ())}{resize}"
         if self.site == "input":
             return f"site=input keep={self.keep}"
         if self.site == "block":
@@ -181,7 +198,7 @@ def _is_num(v: object) -> bool:
 def tokens_per_layer(s: Schedule, n_patches: int, protected: int, input_patches: int | None = None):
     """Tokens entering each layer and leaving the encoder, for one image (static budgets)."""
     L = s.num_layers
-    n = (input_patches if s.site == "input" else n_patches) + protected
+    n = (input_patches if s.input_fraction is not None and input_patches is not None else n_patches) + protected
     counts, out = [], n
     for i in range(L):
         if s.site == "block":  # merge -> compute -> unmerge: the layer computes on fewer, hands on every token
@@ -209,8 +226,17 @@ def resolve(
     dims: EncoderDims,
     grid: tuple[int, int],
     input_patches: Callable[[float], int] | None = None,
+    min_keep: float | None = None,
+    rule: str | None = None,
 ) -> Schedule:
-    """Turn the user's budget into a :class:`Schedule`, checking it against the model's default token count."""
+    """Turn the user's budget into a :class:`Schedule`, checking it against the model's default token count.
+
+    ``input_patches``: the patch count of the image resized to a fraction of its patches (hosts with site
+    ``input``). ``min_keep``: for a method that resizes and merges (``resize-tome``), the share of the input's
+    patches the merging must keep to the end before the image is made smaller instead (see
+    ``solver.solve_resized``); None: merging only. ``rule``: how a merge schedule is chosen
+    among those meeting the target (None: ``solver.DEFAULT_RULE``; see :mod:`tokenthin.solver`)."""
+    rule = rule or solver.DEFAULT_RULE
     L = dims.num_layers
     n_patches = grid[0] * grid[1]
     given = [k for k, v in (("r", r), ("keep", keep), ("flops", flops)) if v is not None]
@@ -235,7 +261,8 @@ def resolve(
         )
 
     def total(s: Schedule) -> float:
-        ip = input_patches(s.keep) if (s.site == "input" and input_patches) else None  # type: ignore[arg-type]
+        f = s.input_fraction
+        ip = input_patches(f) if (f is not None and input_patches) else None
         counts, out = tokens_per_layer(s, n_patches, dims.num_protected, ip)
         return encoder_flops(counts, ip or n_patches, dims, out)
 
@@ -258,24 +285,29 @@ def resolve(
             _check_r(rs, n_patches)
             return Schedule("layers", L, r=tuple(rs))
         target = _fraction(flops, "flops")
-        best: Schedule | None = None
-        for rv in range(0, n_patches // 2 + 1):
-            rs, n = [], n_patches
-            for _ in range(L - 1):
-                step = min(rv, n // 2, n - 1)
-                rs.append(step)
-                n -= step
-            s = Schedule("layers", L, r=tuple(rs))
-            if best is None or abs(total(s) / full - target) < abs(total(best) / full - target):
-                best = s
-        assert best is not None
-        reached = total(best) / full
+        if min_keep is not None and input_patches is not None:
+            f, rs, reached = solver.solve_resized(
+                target,
+                min_keep,
+                rule,
+                n_patches,
+                L - 1,
+                input_patches,
+                lambda f, c: total(Schedule("layers", L, r=c, input_keep=f)) / full,
+            )
+            if target < reached - 0.02:
+                raise BudgetError(
+                    f"flops={target} is unreachable by resizing and merging (at least {reached:.2f}); give a larger "
+                    "target"
+                )
+            return Schedule("layers", L, r=rs, input_keep=f)
+        rs, reached = solver.solve(n_patches, L - 1, lambda c: total(Schedule("layers", L, r=c)) / full, target, rule)
         if target < reached - 0.02:
             raise BudgetError(
                 f"flops={target} is unreachable by merging after every layer (at least {reached:.2f}: the first "
                 "layer always sees every token and each layer merges at most half); use a larger target"
             )
-        return best
+        return Schedule("layers", L, r=rs)
 
     if site_kind == "input":
         if r is not None:

@@ -229,6 +229,9 @@ class Method:
     # (only the self-attention's key / value inputs are reduced by the assignment, queries untouched, nothing is
     # unmerged: ToDo) or "soft" (the parts compute on soft_plan()'s many-to-many merge and unmerge: ToMA)
     block_mode: ClassVar[str] = "merge"
+    # True: under ``flops=`` the method also picks a smaller input image (``Schedule.input_keep``, sized by
+    # :meth:`input_size`, split by its ``input_share`` parameter); only hosts with site ``input`` can take it
+    resizes_input: ClassVar[bool] = False
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))
@@ -283,7 +286,7 @@ class Method:
         raise NotImplementedError
 
     def input_size(self, height: int, width: int, patch: int, keep: float) -> tuple[int, int]:
-        """For ``kind == "input"``: the image size to feed instead of (height, width)."""
+        """For ``kind == "input"`` (and ``resizes_input``): the image size to feed instead of (height, width)."""
         raise NotImplementedError
 
 

@@ -22,7 +22,12 @@ class Downsample(Method):
     default_site = "input"
 
     def input_size(self, height: int, width: int, patch: int, keep: float) -> tuple[int, int]:
-        s = math.sqrt(keep)
-        gh = max(1, round(height // patch * s))
-        gw = max(1, round(width // patch * s))
-        return gh * patch, gw * patch
+        return scaled_size(height, width, patch, keep)
+
+
+def scaled_size(height: int, width: int, patch: int, keep: float) -> tuple[int, int]:
+    """The image size whose patch grid has about ``keep`` x the patches of (height, width)'s, same aspect ratio."""
+    s = math.sqrt(keep)
+    gh = max(1, round(height // patch * s))
+    gw = max(1, round(width // patch * s))
+    return gh * patch, gw * patch

@@ -34,6 +34,11 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
             f"method '{cls.name}' reads {', '.join(sorted(missing))}, which {adapter.family} cannot give (its "
             f"signals: {', '.join(sorted(adapter.signals)) or 'none'}); see tokenthin.support() for what works here"
         )
+    if cls.resizes_input and "input" not in adapter.sites:
+        raise SiteError(
+            f"method '{cls.name}' also resizes the input image, which {adapter.family} cannot take (no site "
+            "'input'); use 'tome' for merging alone"
+        )
     sites = tuple(s for s in cls.sites if s in adapter.sites)
     if not sites:
         raise SiteError(
@@ -59,7 +64,8 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
             flops=req.flops,
             dims=adapter.dims,
             grid=(layout.grid[0], layout.grid[1] * layout.frames),
-            input_patches=input_patches if "input" in sites else None,
+            input_patches=input_patches if ("input" in sites or cls.resizes_input) else None,
+            min_keep=float(m.p["min_keep"]) if cls.resizes_input else None,
         )
 
     schedule = planner(adapter.default_layout)

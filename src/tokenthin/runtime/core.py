@@ -138,10 +138,11 @@ class Runtime:
             st.content = pad[:, layout.protected :].sum(1)
             st.bias = key_bias(torch.ones(pad.shape, device=x.device), pad, self.prop_attn)
         self._st = st
-        if sched.site == "input":
+        frac = sched.input_fraction
+        if frac is not None:  # site "input", or a method that also resizes (Schedule.input_keep)
             H, W = x.shape[-2], x.shape[-1]
             p = a.input_patch
-            hh, ww = self.method.input_size(H, W, p, sched.keep)  # type: ignore[arg-type]
+            hh, ww = self.method.input_size(H, W, p, frac)
             if (hh, ww) != (H, W):
                 h, w = layout.grid
                 P = a.num_protected
@@ -389,9 +390,9 @@ class Runtime:
         a, s = self.adapter, self.schedule
         lay = a.default_layout
         ip = None
-        if s.site == "input":
+        if s.input_fraction is not None:
             p = a.input_patch
-            hh, ww = self.method.input_size(lay.grid[0] * p, lay.grid[1] * p, p, s.keep)  # type: ignore[arg-type]
+            hh, ww = self.method.input_size(lay.grid[0] * p, lay.grid[1] * p, p, s.input_fraction)
             ip = (hh // p) * (ww // p)
         counts, n_out = tokens_per_layer(s, lay.content, lay.protected, ip)
         return {

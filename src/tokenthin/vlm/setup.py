@@ -59,7 +59,7 @@ def _tower(model: nn.Module, adapter: VLMAdapter, cls: type[Method], m: Method, 
     v = adapter.vision
     if v is None:
         raise SiteError(f"sites inside the vision tower are not available on {adapter.family}: use 'output' or 'llm:k'")
-    if kw["unmerge"] or cls.kind == "input":
+    if kw["unmerge"] or cls.kind == "input" or cls.resizes_input:
         raise TokenThinError(
             f"'{cls.name}' inside a vision-language model's tower takes r=, keep= or flops= and site= only"
         )
