@@ -41,7 +41,7 @@ from .tome import merge_rounds
 
 def _share(v: Any) -> str | None:
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v <= 1.0
-    return None if ok else "must be a number in [0, 1] (0: merging only, 1: resizing only)"
+    return None if ok else "must be a number in [0, 1] (0: no resize, merging only; 1: resizing only, no merging)"
 
 
 @register
