@@ -78,10 +78,20 @@ def test_greedy_puts_the_reduction_where_it_costs_least() -> None:
         assert s.r is not None
         return 1.0 - sum(r * (0.0 if i == 3 else 1e-2) for i, r in enumerate(s.r))
 
-    s = greedy_layers(64, 8, 0.7, flops_of, fidelity, steps=4)
+    (s,) = greedy_layers(64, 8, 0.7, flops_of, fidelity, steps=4)
     assert s.r is not None and valid_r(s.r, 64)
     assert flops_of(s) <= 0.7 + 1e-9 and flops_of(s) > 0.65
     assert s.r[3] == max(s.r) and s.r[3] >= 16
+
+
+def test_one_greedy_pass_serves_several_targets(model, calib) -> None:
+    lo, hi = calibrate(model, "tome", flops=[0.5, 0.75], images=calib, steps=3, progress=False)
+    assert (lo.flops_target, hi.flops_target) == (0.5, 0.75)
+    for s in (lo, hi):
+        assert abs(s.flops - s.flops_target) <= 0.02 and s.fidelity >= (s.baseline_fidelity or 0) - 1e-9
+    assert lo.seconds == hi.seconds and lo.forwards == hi.forwards  # the cost of the whole call
+    with pytest.raises(BudgetError, match="flops=\\[\\]"):
+        calibrate(model, "tome", flops=[], images=calib, progress=False)
 
 
 def test_sigmoid_counts_fall_and_keep_the_half_rule() -> None:

@@ -9,11 +9,13 @@ unmerge (the dense output a saliency / segmentation head reads), ``"cls+patch"``
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from .. import api
 from ..adapters.contract import Adapter
@@ -108,7 +110,7 @@ def calibrate(
     model: nn.Module,
     method: str,
     *,
-    flops: float,
+    flops: float | Sequence[float],
     images: torch.Tensor,
     search: str = "greedy",
     objective: str = "cls",
@@ -118,7 +120,7 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
     **params: Any,
-) -> CalibratedSchedule:
+) -> CalibratedSchedule | list[CalibratedSchedule]:
     """Search the per-layer budget of ``method`` on ``model`` that keeps the output closest to the unreduced model's
     on the calibration ``images`` (pixel values, normalised as the model expects) at ``flops`` (a fraction of the
     unreduced encoder's analytic FLOPs at the images' size).
@@ -128,7 +130,9 @@ def calibrate(
     parametric keep curve, 3 parameters, one solved for the target). Single-site pruning methods: the site ``k`` and
     its keep, every ``k`` tried. The method's default solve of ``flops=`` is evaluated too and returned instead where
     it is more faithful (within ``tol`` of the target). ``objective``: ``"cls"``, ``"patch"`` or ``"cls+patch"``
-    (see the module docstring). Returns a :class:`CalibratedSchedule` for ``apply(model, method, schedule=...)``.
+    (see the module docstring). Returns a :class:`CalibratedSchedule` for ``apply(model, method, schedule=...)``;
+    a list of them, one per target, where ``flops`` is a list (one greedy pass serves every target; the cost each
+    reports is the whole call's).
     """
     if api.is_applied(model):
         raise TokenThinError("tokenthin is applied to this model; tokenthin.remove(model) before calibrating")
@@ -136,8 +140,12 @@ def calibrate(
         raise TokenThinError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     if search not in SEARCHES:
         raise TokenThinError(f"search must be one of {', '.join(SEARCHES)}; got {search!r}")
-    if not isinstance(flops, (int, float)) or isinstance(flops, bool) or not 0 < flops <= 1:
-        raise BudgetError(f"flops={flops!r} must be a fraction in (0, 1]")
+    targets = [flops] if not isinstance(flops, (list, tuple)) else list(flops)
+    for f in targets:
+        if not isinstance(f, (int, float)) or isinstance(f, bool) or not 0 < f <= 1:
+            raise BudgetError(f"flops={f!r} must be a fraction in (0, 1] (or a list of such fractions)")
+    if not targets:
+        raise BudgetError("flops=[] gives no target; give a fraction in (0, 1]")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise InputMismatchError("images must be a float (B, C, H, W) batch of calibration pixel values")
     if images.shape[0] < 1:
@@ -177,11 +185,11 @@ def calibrate(
     def flops_of(s: Schedule) -> float:
         return flops_fraction(s, dims, grid)
 
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
-    total = steps * (L - 1) if site == "layers" and search == "greedy" else (33 if site == "layers" else L)
-    bar = tqdm(total=total + 1, desc=f"calibrate {method} @ {flops:g} FLOPs", unit="fwd", disable=not progress)
+    per = steps * (L - 1) if search == "greedy" else 33
+    total = per if site == "layers" and search == "greedy" else (per if site == "layers" else L) * len(targets)
+    what = ", ".join(f"{t:g}" for t in targets)
+    bar = tqdm(total=total + 1, desc=f"calibrate {method} @ {what} FLOPs", unit="fwd", disable=not progress)
     try:
         with torch.no_grad():
             fid = _Objective(model, adapter, method, params, images, objective, batch_size, seed, bar)
@@ -189,65 +197,78 @@ def calibrate(
         def show(s: Schedule, f: float, v: float) -> None:
             bar.set_postfix(flops=f"{f:.3f}", fidelity=f"{v:.4f}")
 
-        if site == "layers":
-            run = greedy_layers if search == "greedy" else sigmoid_layers
-            kw = {"steps": steps} if search == "greedy" else {}
-            best = run(N, L, float(flops), flops_of, fid, on_step=show, **kw)  # type: ignore[operator]
+        if site == "layers" and search == "greedy":
+            found = greedy_layers(N, L, targets, flops_of, fid, steps=steps, on_step=show)
+        elif site == "layers":
+            found = [sigmoid_layers(N, L, float(t), flops_of, fid, on_step=show) for t in targets]
         else:
-            cands = []
-            for k in range(L):
-                try:
-                    s = resolve(
-                        kind=cls.kind,
-                        sites=cls.sites,
-                        default_site=cls.default_site,
-                        name=method,
-                        site=f"layer:{k}",
-                        r=None,
-                        keep=None,
-                        flops=float(flops),
-                        dims=dims,
-                        grid=grid,
-                    )
-                except BudgetError:
-                    continue
-                if flops_of(s) <= flops + tol:
-                    cands.append(s)
-            best = best_site(cands, fid, show, flops_of)
-        best_fid = fid(best)
-        baseline, base_fid = _baseline(model, method, params, flops, images, fid, flops_of, tol)
-        if base_fid is not None and baseline is not None and base_fid > best_fid:
-            best, best_fid = baseline, base_fid
+            found = [best_site(_sites(cls, dims, grid, float(t), flops_of, tol), fid, show, flops_of) for t in targets]
+        out = []
+        for t, best in zip(targets, found):
+            best_fid = fid(best)
+            baseline, base_fid = _baseline(model, method, params, float(t), images, fid, flops_of, tol)
+            if base_fid is not None and baseline is not None and base_fid > best_fid:
+                best, best_fid = baseline, base_fid
+            out.append((t, best, best_fid, baseline, base_fid))
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    keep = None
-    if best.site == "layer":
-        keep = float(best.keep) if isinstance(best.keep, float) else float(best.keep) / N  # type: ignore[arg-type]
-    return CalibratedSchedule(
-        method=method,
-        site=best.site,
-        num_layers=L,
-        grid=(int(grid[0]), int(grid[1])),
-        protected=adapter.num_protected,
-        flops_target=float(flops),
-        flops=flops_of(best),
-        objective=objective,
-        fidelity=best_fid,
-        search=search if site == "layers" else "sites",
-        r=best.r,
-        layer=best.layer,
-        keep=keep,
-        params=dict(params),
-        image_size=(int(images.shape[-2]), int(images.shape[-1])),
-        host=adapter.family,
-        hidden=dims.hidden,
-        baseline=None if baseline is None else baseline.describe(),
-        baseline_fidelity=base_fid,
-        seconds=seconds,
-        images=int(images.shape[0]),
-        forwards=fid.forwards + 1,
-    )
+    scheds = []
+    for t, best, best_fid, baseline, base_fid in out:
+        keep = None
+        if best.site == "layer":
+            keep = float(best.keep) if isinstance(best.keep, float) else float(best.keep) / N  # type: ignore[arg-type]
+        scheds.append(
+            CalibratedSchedule(
+                method=method,
+                site=best.site,
+                num_layers=L,
+                grid=(int(grid[0]), int(grid[1])),
+                protected=adapter.num_protected,
+                flops_target=float(t),
+                flops=flops_of(best),
+                objective=objective,
+                fidelity=best_fid,
+                search=search if site == "layers" else "sites",
+                r=best.r,
+                layer=best.layer,
+                keep=keep,
+                params=dict(params),
+                image_size=(int(images.shape[-2]), int(images.shape[-1])),
+                host=adapter.family,
+                hidden=dims.hidden,
+                baseline=None if baseline is None else baseline.describe(),
+                baseline_fidelity=base_fid,
+                seconds=seconds,
+                images=int(images.shape[0]),
+                forwards=fid.forwards + 1,
+            )
+        )
+    return scheds if isinstance(flops, (list, tuple)) else scheds[0]
+
+
+def _sites(cls: Any, dims: Any, grid: tuple[int, int], target: float, flops_of: Any, tol: float) -> list[Schedule]:
+    """One single-site schedule per layer that can meet the target, each with the keep solved for it there."""
+    cands = []
+    for k in range(dims.num_layers):
+        try:
+            s = resolve(
+                kind=cls.kind,
+                sites=cls.sites,
+                default_site=cls.default_site,
+                name=cls.name,
+                site=f"layer:{k}",
+                r=None,
+                keep=None,
+                flops=target,
+                dims=dims,
+                grid=grid,
+            )
+        except BudgetError:
+            continue
+        if flops_of(s) <= target + tol:
+            cands.append(s)
+    return cands
 
 
 def _baseline(

@@ -69,24 +69,30 @@ def _step(rs: list[int], i: int, save: float, n_patches: int, L: int, flops_of: 
 def greedy_layers(
     n_patches: int,
     num_layers: int,
-    target: float,
+    target: float | Sequence[float],
     flops_of: FlopsOf,
     fidelity: Fidelity,
     *,
     steps: int = 16,
     on_step: Callable[[Schedule, float, float], None] | None = None,
-) -> Schedule:
+) -> list[Schedule]:
     """Start from no reduction; at each step, try merging more after every layer (each candidate sized to save
-    ``(1 - target) / steps`` of the FLOPs, the last step only what is left) and keep the one that loses the least
-    fidelity per FLOP saved; stop at the target. ``steps`` x (layers - 1) fidelity evaluations."""
+    ``(1 - lowest target) / steps`` of the FLOPs, or only what is left to the next target) and keep the one that
+    loses the least fidelity per FLOP saved. One pass serves several targets: the schedule is recorded where it
+    reaches each (highest first). About ``steps`` x (layers - 1) fidelity evaluations. Returns one schedule per
+    target, in the order given."""
     L = num_layers
+    targets = [float(target)] if isinstance(target, (int, float)) else [float(t) for t in target]
+    todo = sorted(set(targets), reverse=True)
+    found: dict[float, Schedule] = {}
     rs = [0] * (L - 1)
     cur_f, cur_fid = 1.0, fidelity(layers(rs, L))
-    save_step = (1.0 - target) / max(1, steps)
-    for _ in range(8 * steps + 4 * L):  # each step saves at least one token's FLOPs; this bounds the loop
-        if cur_f <= target + 1e-9:
-            break
-        save = min(save_step, cur_f - target)
+    save_step = (1.0 - todo[-1]) / max(1, steps)
+    while todo:
+        if cur_f <= todo[0] + 1e-9:
+            found[todo.pop(0)] = layers(rs, L)
+            continue
+        save = min(save_step, cur_f - todo[0])
         best: tuple[float, list[int], float, float] | None = None
         for i in range(L - 1):
             cand = _step(rs, i, save, n_patches, L, flops_of)
@@ -99,13 +105,13 @@ def greedy_layers(
                 best = (cost, cand, f, fid)
         if best is None:
             raise BudgetError(
-                f"flops={target} is unreachable by merging after every layer (reached {cur_f:.3f}: each layer merges "
-                "at most half of its tokens); use a larger target"
+                f"flops={todo[0]} is unreachable by merging after every layer (reached {cur_f:.3f}: each layer "
+                "merges at most half of its tokens); use a larger target"
             )
-        _, rs, cur_f, cur_fid = best
+        _, rs, cur_f, cur_fid = best  # every step lowers the FLOPs by at least one token's worth: the loop ends
         if on_step is not None:
             on_step(layers(rs, L), cur_f, cur_fid)
-    return layers(rs, L)
+    return [found[t] for t in targets]
 
 
 def sigmoid_counts(n_patches: int, num_layers: int, slope: float, center: float, floor: float) -> list[int]:
