@@ -240,3 +240,48 @@ def test_bad_inputs_raise_clear_errors(model, calib, tome_sched: CalibratedSched
         calibrate(model, "downsample", flops=0.5, images=calib, progress=False)
     with tokenthin.applied(model, "tome", r=1), pytest.raises(TokenThinError, match="remove"):
         calibrate(model, "tome", flops=0.5, images=calib, progress=False)
+
+
+# ----------------------------------------------------------------------------- command line and bench rows
+
+
+@pytest.fixture
+def tiny_dirs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    model_dir = tmp_path / "tiny-dinov2"
+    _dinov2(layers=4).save_pretrained(model_dir)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(imgs / f"im{i}.png")
+    return model_dir, imgs
+
+
+def test_cli_calibrate_and_bench_calibrated_rows(tiny_dirs, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from tokenthin.cli import app
+
+    model_dir, imgs = tiny_dirs
+    common = ["--model", str(model_dir), "--images-dir", str(imgs), "--image-size", "32"]
+    out = tmp_path / "s.json"
+    args = ["calibrate", *common, "--method", "tome", "--flops", "0.8", "--eval-images", "2", "--steps", "2"]
+    res = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    s = CalibratedSchedule.load(out)
+    assert s.method == "tome" and s.images == 2 and abs(s.flops - 0.8) <= 0.02  # the images after the first 2
+    bench = ["bench", *common, "--images", "2", "--budgets", "0.8", "--methods", "tome,divprune", "--task"]
+    bench += ["features", "--repeats", "1", "--out", str(tmp_path / "res"), "--run", "cal", "--no-viz", "--calibrated"]
+    res = CliRunner().invoke(app, bench)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "res" / "cal" / "results.jsonl").read_text().splitlines()]
+    cal = {r["method"]: r for r in rows if r["method"].endswith("+cal")}
+    assert set(cal) == {"tome+cal", "divprune+cal"}
+    for r in cal.values():
+        m = r["metrics"]
+        assert m["calibration_images"] == 2 and m["calibration_s"] > 0
+        assert m["calibration_fidelity"] >= m["calibration_default_fidelity"] - 1e-9
+        assert CalibratedSchedule.from_dict(m["calibrated_schedule"]).flops_target == 0.8
