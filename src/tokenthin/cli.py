@@ -136,6 +136,7 @@ def bench_cmd(
     ),
     calibrate_search: str = typer.Option("greedy", help="--calibrated: greedy or sigmoid"),
     calibrate_objective: str = typer.Option("cls", help="--calibrated: cls, patch or cls+patch"),
+    calibrate_steps: int = typer.Option(16, help="--calibrated: greedy steps (each tries every layer)"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
@@ -168,6 +169,7 @@ def bench_cmd(
         calibrated=calibrated,
         calibrate_search=calibrate_search,
         calibrate_objective=calibrate_objective,
+        calibrate_steps=calibrate_steps,
     )
 
 

@@ -100,6 +100,7 @@ def run_bench(
     calibrated: bool = False,
     calibrate_search: str = "greedy",
     calibrate_objective: str = "cls",
+    calibrate_steps: int = 16,
 ) -> Path | None:
     if tasks == "vqa":
         return _run_vqa(
@@ -170,7 +171,7 @@ def run_bench(
         repeats=repeats,
         seed=seed,
         extra={"images": images, "images_dir": images_dir, "knn_train": knn_train, "knn_test": knn_test},
-        calibration={"search": calibrate_search, "objective": calibrate_objective},
+        calibration={"search": calibrate_search, "objective": calibrate_objective, "steps": calibrate_steps},
     )
     runner = Runner(bm, data, cfg, store, run_name)
     try:
