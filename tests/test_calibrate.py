@@ -185,6 +185,14 @@ def test_other_input_sizes_keep_the_token_fractions(model, tome_sched: Calibrate
         assert [n - 1 for n in tokenthin.info(model).tokens_per_layer] == left
 
 
+def test_explain_plans_for_the_calibrated_size(model) -> None:
+    s = calibrate(model, "tome", flops=0.8, images=_pixels(2, 9, size=48), steps=1, progress=False)
+    assert s.grid == (12, 12) and s.image_size == (48, 48)
+    with tokenthin.applied(model, "tome", schedule=s):
+        plan = tokenthin.explain(model)["applied"]
+        assert plan["planned_for"]["grid"] == (12, 12) and plan["flops_fraction"] == pytest.approx(s.flops)
+
+
 def test_apply_schedule_from_a_path(model, tome_sched: CalibratedSchedule, tmp_path) -> None:
     p = tome_sched.save(tmp_path / "s.json")
     with tokenthin.applied(model, "tome", schedule=str(p)):

@@ -59,7 +59,8 @@ def apply(
     model config's). ``prop_attn``: proportional attention after merging (default: on for encoders, off for
     denoisers, as tomesd). ``schedule``: a :class:`tokenthin.calibration.CalibratedSchedule` (or the path of one
     saved as JSON) found by :func:`tokenthin.calibrate`, instead of ``r`` / ``keep`` / ``flops`` / ``site``; re-solved
-    for each input shape (per-layer token fractions of the input's patches); its method parameters are used.
+    for each input shape (per-layer token fractions of the input's patches); its method parameters are used, and
+    its calibrated input size is the default ``image_size``.
     Diffusion denoisers (a UNet, or a whole pipeline: its ``unet`` / ``transformer`` is reduced and the pipeline
     returned) take ``ratio=`` (tomesd's parameter) or ``keep=`` (``1 - ratio``) at site ``"block"``.
     Other keyword arguments are the method's parameters.
@@ -80,6 +81,7 @@ def apply(
     if schedule is not None:
         sched = _calibrated(schedule, cls.name, adapter.kind, r=r, keep=keep, flops=flops, site=site, params=params)
         params, site, plan = dict(sched.params), sched.site_name, sched.planner
+        image_size = sched.image_size if image_size is None else image_size  # explain() shows the calibrated plan
     m = cls(**params)
     req = _budget.Request(
         r=r, keep=keep, flops=flops, site=site, unmerge=unmerge, prop_attn=prop_attn, image_size=image_size, plan=plan
