@@ -1,6 +1,7 @@
 """tokenthin: training-free token merging and pruning for pretrained transformers."""
 
 from .api import applied, apply, explain, hosts, info, is_applied, methods, remove, runtime_of, support
+from .calibration import CalibratedSchedule, calibrate
 from .errors import (
     AlreadyAppliedError,
     BudgetError,
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AlreadyAppliedError",
     "BudgetError",
+    "CalibratedSchedule",
     "InputMismatchError",
     "NotAppliedError",
     "SiteError",
@@ -28,6 +30,7 @@ __all__ = [
     "__version__",
     "applied",
     "apply",
+    "calibrate",
     "explain",
     "hosts",
     "info",

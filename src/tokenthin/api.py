@@ -44,6 +44,7 @@ def apply(
     calibration: torch.Tensor | None = None,
     image_size: int | tuple[int, int] | None = None,
     replace: bool = False,
+    schedule: Any = None,
     **params: Any,
 ) -> nn.Module:
     """Apply a token-reduction method to ``model`` in place and return it.
@@ -56,7 +57,10 @@ def apply(
     ``last_hidden_state`` (dense tasks). ``calibration``: pixel values for methods that calibrate (``dtome``).
     ``image_size``: an optional hint, the input size ``explain()`` and apply-time checks plan for (default: the
     model config's). ``prop_attn``: proportional attention after merging (default: on for encoders, off for
-    denoisers, as tomesd).
+    denoisers, as tomesd). ``schedule``: a :class:`tokenthin.calibration.CalibratedSchedule` (or the path of one
+    saved as JSON) found by :func:`tokenthin.calibrate`, instead of ``r`` / ``keep`` / ``flops`` / ``site``; re-solved
+    for each input shape (per-layer token fractions of the input's patches); its method parameters are used, and
+    its calibrated input size is the default ``image_size``.
     Diffusion denoisers (a UNet, or a whole pipeline: its ``unet`` / ``transformer`` is reduced and the pipeline
     returned) take ``ratio=`` (tomesd's parameter) or ``keep=`` (``1 - ratio``) at site ``"block"``.
     Other keyword arguments are the method's parameters.
@@ -72,10 +76,15 @@ def apply(
             )
         remove(model)
     cls = get(method)
-    m = cls(**params)
     adapter = find_adapter(model)
+    plan = None
+    if schedule is not None:
+        sched = _calibrated(schedule, cls.name, adapter.kind, r=r, keep=keep, flops=flops, site=site, params=params)
+        params, site, plan = dict(sched.params), sched.site_name, sched.planner
+        image_size = sched.image_size if image_size is None else image_size  # explain() shows the calibrated plan
+    m = cls(**params)
     req = _budget.Request(
-        r=r, keep=keep, flops=flops, site=site, unmerge=unmerge, prop_attn=prop_attn, image_size=image_size
+        r=r, keep=keep, flops=flops, site=site, unmerge=unmerge, prop_attn=prop_attn, image_size=image_size, plan=plan
     )
     rt = _BUILD[adapter.kind](model, adapter, cls, m, req)
     rt.attach()
@@ -95,6 +104,40 @@ def apply(
         remove(model)
         raise
     return given
+
+
+def _calibrated(schedule: Any, method: str, kind: str, *, params: dict, **budget: Any) -> Any:
+    """The calibrated schedule behind ``apply(schedule=...)``, checked against the rest of the call."""
+    from pathlib import Path
+
+    from .calibration.schedule import CalibratedSchedule
+
+    if isinstance(schedule, (str, Path)):
+        schedule = CalibratedSchedule.load(schedule)
+    if not isinstance(schedule, CalibratedSchedule):
+        raise TokenThinError(
+            f"schedule= takes a CalibratedSchedule (from tokenthin.calibrate) or the path of one saved as JSON; got "
+            f"{type(schedule).__name__}"
+        )
+    given = [k for k, v in budget.items() if v is not None]
+    if given:
+        raise TokenThinError(
+            f"schedule= is the whole budget and site; drop {', '.join(f'{k}=' for k in given)} (or drop schedule=)"
+        )
+    if schedule.method != method:
+        raise TokenThinError(
+            f"this schedule was calibrated for method '{schedule.method}', not '{method}': apply '{schedule.method}' "
+            f"with it, or calibrate '{method}' (tokenthin.calibrate(model, '{method}', flops=..., images=...))"
+        )
+    if kind != "encoder":
+        raise TokenThinError(f"calibrated schedules are for vision encoders; this model runs a {kind} runtime")
+    clash = {k: v for k, v in params.items() if schedule.params.get(k, v) != v or k not in schedule.params}
+    if clash:
+        raise TokenThinError(
+            f"the schedule was calibrated with parameters {schedule.params}; drop {sorted(clash)} from apply() or "
+            "calibrate again with them"
+        )
+    return schedule
 
 
 def _check_input(model: nn.Module, x: torch.Tensor) -> None:

@@ -1,5 +1,5 @@
-"""Command line: ``tokenthin methods``, ``hosts``, ``explain``, ``demo``, ``bench``, ``flops``, ``viz``, ``tiny-vlm``,
-``eval-task``."""
+"""Command line: ``tokenthin methods``, ``hosts``, ``explain``, ``demo``, ``bench``, ``calibrate``, ``flops``, ``viz``,
+``tiny-vlm``, ``eval-task``."""
 
 from __future__ import annotations
 
@@ -128,6 +128,15 @@ def bench_cmd(
         "auto", help="vqa task: auto (the checkpoint's own on a GPU, float32 on CPU), float16, bfloat16, float32"
     ),
     samples: int = typer.Option(16, help="diffusion task: terrain samples generated per configuration"),
+    calibrated: bool = typer.Option(
+        False,
+        "--calibrated",
+        help="also run each merging / single-site pruning method with a schedule from tokenthin.calibrate on the "
+        "calibration images (rows named METHOD+cal)",
+    ),
+    calibrate_search: str = typer.Option("greedy", help="--calibrated: greedy or sigmoid"),
+    calibrate_objective: str = typer.Option("cls", help="--calibrated: cls, patch or cls+patch"),
+    calibrate_steps: int = typer.Option(16, help="--calibrated: greedy steps (each tries every layer)"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
@@ -157,7 +166,47 @@ def bench_cmd(
         max_new_tokens=max_new_tokens,
         dtype=dtype,
         samples=samples,
+        calibrated=calibrated,
+        calibrate_search=calibrate_search,
+        calibrate_objective=calibrate_objective,
+        calibrate_steps=calibrate_steps,
     )
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    method: str = typer.Option("tome", help="a merging method (tome, pitome) or a single-site pruning method"),
+    flops: str = typer.Option("0.5", help="target FLOPs fraction(s), comma-separated (one greedy pass serves all)"),
+    out: str = typer.Option("sched.json", help="JSON file to write (several targets: NAME-<flops>.json each)"),
+    model: str = typer.Option("dinov2-s", help="'dinov2-s' (bundled real DINOv2 ViT-S/14) or a local HF directory"),
+    search: str = typer.Option("greedy", help="greedy (G-Search-like) or sigmoid (P-Sigmoid-like)"),
+    objective: str = typer.Option("cls", help="cls, patch or cls+patch (fidelity to the unreduced model)"),
+    images: int = typer.Option(16, help="calibration images: those after the bench's first --eval-images"),
+    eval_images: int = typer.Option(16, help="images the bench evaluates on, never used for calibration"),
+    images_dir: str = typer.Option("", help="a folder of your own images instead of the bundled ones"),
+    image_size: int = typer.Option(224, help="input size in pixels"),
+    steps: int = typer.Option(16, help="greedy steps (each tries every layer)"),
+) -> None:
+    """Search a per-layer schedule under a FLOPs target on calibration images (disjoint from the bench's evaluation
+    images); reuse it with tokenthin.apply(model, method, schedule="sched.json")."""
+    from pathlib import Path
+
+    from .bench.main import load_data, load_model
+    from .calibration import calibrate
+
+    try:
+        targets = [float(f) for f in flops.split(",")]
+    except ValueError as e:
+        raise typer.BadParameter(f"flops must be comma-separated fractions, got '{flops}'") from e
+    bm = load_model(model, image_size)
+    data = load_data(eval_images, images_dir, 0, 0, image_size, False)
+    x = data.calibration[:images]
+    found = calibrate(bm.encoder, method, flops=targets, images=x, search=search, objective=objective, steps=steps)
+    p = Path(out)
+    for t, s in zip(targets, found):  # type: ignore[arg-type]
+        path = p if len(targets) == 1 else p.with_name(f"{p.stem}-{t:g}{p.suffix}")
+        s.save(path)
+        typer.echo(f"{s.describe()}\nwrote {path}")
 
 
 @app.command("flops")

@@ -12,7 +12,7 @@ import typer
 from .. import api
 from ..errors import TokenThinError
 from ..methods.base import all_methods
-from .runner import BASELINES, TASKS, BenchConfig, BenchData, BenchModel, Runner
+from .runner import BASELINES, CAL, TASKS, BenchConfig, BenchData, BenchModel, Runner
 from .store import ResultStore
 
 CALIBRATION_IMAGES = 16
@@ -97,6 +97,10 @@ def run_bench(
     max_new_tokens: int = 16,
     dtype: str = "auto",
     samples: int = 16,
+    calibrated: bool = False,
+    calibrate_search: str = "greedy",
+    calibrate_objective: str = "cls",
+    calibrate_steps: int = 16,
 ) -> Path | None:
     if tasks == "vqa":
         return _run_vqa(
@@ -114,8 +118,10 @@ def run_bench(
         m for m, c in known.items() if m not in BASELINES and encoder_sites & set(c.sites) and not c.needs_prompt
     ]
     for m in chosen:
-        if m not in known:
+        if m.removesuffix(CAL) not in known:
             raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
+    if calibrated:  # a calibrated row next to each method that has a per-layer schedule to search
+        chosen += [f"{m}{CAL}" for m in chosen if not m.endswith(CAL) and _calibratable(known[m])]
     chosen += [b for b in BASELINES if b not in chosen]
     task_list = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(","))
     bad = [t for t in task_list if t not in (*TASKS, "ocr", "text", "asr")]
@@ -165,6 +171,7 @@ def run_bench(
         repeats=repeats,
         seed=seed,
         extra={"images": images, "images_dir": images_dir, "knn_train": knn_train, "knn_test": knn_test},
+        calibration={"search": calibrate_search, "objective": calibrate_objective, "steps": calibrate_steps},
     )
     runner = Runner(bm, data, cfg, store, run_name)
     try:
@@ -185,6 +192,13 @@ def run_bench(
     typer.echo(md_path.read_text())
     typer.echo(f"wrote {store.path}, {csv_path}, {md_path}, {out_dir / 'pareto.png'}")
     return out_dir
+
+
+def _calibratable(cls: type) -> bool:
+    """Methods tokenthin.calibrate searches: merging at every layer, or one pruning site (not the baselines)."""
+    if cls.name in BASELINES or hasattr(cls, "calibrate") or cls.needs_prompt:
+        return False
+    return (cls.kind == "merge" and "layers" in cls.sites) or (cls.kind == "prune" and "layer" in cls.sites)
 
 
 def _write_viz(bm: BenchModel, data: BenchData, out_dir: Path, methods: list[str], budget: float = 0.5) -> None:

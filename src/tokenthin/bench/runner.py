@@ -37,6 +37,7 @@ from .store import ResultStore, config_key, environment
 
 BASELINES = ("random", "pool", "downsample")
 TASKS = ("features", "knn", "saliency", "cost")
+CAL = "+cal"  # a method name ending in this runs the method with a schedule calibrated on BenchData.calibration
 
 
 @dataclass
@@ -67,6 +68,7 @@ class BenchConfig:
     seed: int = 0
     knn_k: int = 20
     extra: dict[str, Any] = field(default_factory=dict)  # recorded in every row's key (e.g. image counts)
+    calibration: dict[str, Any] = field(default_factory=dict)  # "+cal" rows: tokenthin.calibrate options (key too)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -105,6 +107,20 @@ def knn_accuracy(
 # ----------------------------------------------------------------------------- runner
 
 
+def _cal_metrics(cal: Any) -> dict[str, Any]:
+    """What a calibrated row records about its calibration: cost, fidelity on the calibration images, plan."""
+    if cal is None:
+        return {}
+    return {
+        "calibration_s": cal.seconds,
+        "calibration_images": cal.images,
+        "calibration_forwards": cal.forwards,
+        "calibration_fidelity": cal.fidelity,
+        "calibration_default_fidelity": cal.baseline_fidelity,
+        "calibrated_schedule": cal.to_dict(),
+    }
+
+
 def _batches(x: torch.Tensor, bs: int) -> Iterator[torch.Tensor]:
     for i in range(0, x.shape[0], bs):
         yield x[i : i + bs]
@@ -117,6 +133,7 @@ class Runner:
         self.env = environment()
         self.adapter = find_adapter(model.encoder)
         self._ref: dict[str, Any] = {}
+        self._cal: dict[tuple[str, float], Any] = {}  # (method, budget) -> CalibratedSchedule
 
     # --- forward helpers
     @torch.no_grad()
@@ -159,6 +176,7 @@ class Runner:
                 "repeats": c.repeats,
                 "image_size": self.m.image_size,
                 **c.extra,
+                **({"calibration": c.calibration} if method.endswith(CAL) else {}),
             }
         )
 
@@ -200,14 +218,15 @@ class Runner:
             return []
         ref = self.reference()
         enc = self.m.encoder
+        base = method.removesuffix(CAL)
         extra = (
-            {"calibration": self.data.calibration.to(self.device)}
-            if hasattr(all_methods()[method], "calibrate")
-            else {}
+            {"calibration": self.data.calibration.to(self.device)} if hasattr(all_methods()[base], "calibrate") else {}
         )
+        cal = self.calibrated(base, budget) if method.endswith(CAL) else None
+        budget_kw: dict[str, Any] = {"schedule": cal} if cal is not None else {"flops": budget, **extra}
         torch.manual_seed(self.cfg.seed)
         rows = []
-        with api.applied(enc, method, flops=budget, image_size=self.m.image_size, unmerge=True, **extra):
+        with api.applied(enc, base, image_size=self.m.image_size, unmerge=True, **budget_kw):
             plan = api.explain(enc)["applied"]
             schedule = plan["schedule"]
             feats, maps = self._encode(self.data.images, "saliency" in todo)
@@ -221,7 +240,11 @@ class Runner:
                         "features",
                         schedule,
                         flops,
-                        {"cosine_mean": cos.mean().item(), "cosine_min": cos.min().item()},
+                        {
+                            "cosine_mean": cos.mean().item(),
+                            "cosine_min": cos.min().item(),
+                            **_cal_metrics(cal),
+                        },
                     )
                 )
             if "saliency" in todo and maps is not None and ref["maps"] is not None:
@@ -257,6 +280,21 @@ class Runner:
         for r in rows:
             self.store.append(r)
         return rows
+
+    def calibrated(self, method: str, budget: float) -> Any:
+        """The schedule calibrated for ``method`` at ``budget`` on the calibration images (one greedy pass serves
+        every budget of the run; a budget the joint pass cannot reach is retried alone)."""
+        from ..calibration import calibrate
+
+        if (method, budget) not in self._cal:
+            x = self.data.calibration.to(self.device)
+            opts = dict(self.cfg.calibration)
+            try:
+                found = calibrate(self.m.encoder, method, flops=list(self.cfg.budgets), images=x, **opts)
+                self._cal.update({(method, b): s for b, s in zip(self.cfg.budgets, found)})
+            except TokenThinError:
+                self._cal[(method, budget)] = calibrate(self.m.encoder, method, flops=budget, images=x, **opts)
+        return self._cal[(method, budget)]
 
     @torch.no_grad()
     def _cost(self, flops: float) -> dict[str, Any]:

@@ -1,0 +1,40 @@
+"""Calibrated per-layer schedules: :func:`calibrate` searches a method's budget per layer on calibration images
+with the frozen model, under a FLOPs target; the :class:`CalibratedSchedule` it returns is reused by
+``tokenthin.apply(model, method, schedule=sched)`` and saves to / loads from JSON.
+
+Paper ideas reproduced, and every deviation:
+
+* DiffRate (Chen et al., ICCV 2023, arXiv 2305.17997, github.com/OpenGVLab/DiffRate): per-layer reduction rates
+  found on calibration images with the frozen model, under a FLOPs constraint, maximising fidelity. DiffRate's
+  search is *differentiable*: it relaxes the per-layer prune and merge rates and trains them by gradient descent
+  on a task loss plus a FLOPs penalty for a few epochs on ImageNet training images. Ours is gradient-free (greedy or a
+  parametric curve, below), searches only the method's own budget (``r`` of a merging method, or the site and
+  keep of a pruning method; not DiffRate's joint prune + merge rates), and its objective is label-free fidelity to
+  the unreduced model (cosine of the pooled / [CLS] output, or of the unmerged patch tokens) on a few images.
+* G-Search ("Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction", Zhao et
+  al., CVPR 2025, arXiv 2412.00556): a greedy search of the tokens kept at each layer, shallow to deep, under the
+  assumption that the number of essential tokens does not increase along layers. The paper searches the keep rate of
+  each language-model layer of an MLLM for the least tokens that keep benchmark performance (its scenario I); only
+  its abstract could be read here, not its algorithm box. Ours (:func:`~tokenthin.calibration.search.greedy_layers`)
+  answers its scenario II instead (best fidelity at a given FLOPs target), on a vision encoder's merging schedule:
+  from no reduction, each step tries more merging after every layer (each candidate saving the same share of the
+  FLOPs) and keeps the one that costs the least fidelity per FLOP saved, until the target. Token counts are
+  non-increasing by construction (merging only removes tokens), as G-Search assumes.
+* P-Sigmoid (same paper): the keep rate per layer follows a parametric sigmoid whose parameters the paper optimises
+  by Bayesian optimisation under the budget. Ours (:func:`~tokenthin.calibration.search.sigmoid_layers`): tokens
+  left after boundary ``j`` are ``N * (floor + (1 - floor) * h(j / (L-1)))``, ``h`` a logistic step (slope,
+  center) rescaled to fall from 1 to 0; ``floor`` is solved for the FLOPs target, (slope, center) searched on a
+  5 x 5 grid plus two rounds of coordinate search instead of Bayesian optimisation.
+* Single-site pruning methods: every site ``layer:k`` is tried with the keep that meets the target there (replacing
+  the fixed rule of :mod:`tokenthin.budget`, ``k = round(L * flops / 2) - 1``, which is one of the candidates).
+* Both searches also evaluate the method's default solve of ``flops=`` (e.g. ToMe's constant ``r``) and return it
+  where it is more faithful: the result is never less faithful than the default on the calibration images.
+
+Not covered yet: language-model-side schedules of vision-language models (``llm:k``), the block site of diffusion
+denoisers, dynamic methods (``dtome`` calibrates its own thresholds).
+"""
+
+from .run import OBJECTIVES, SEARCHES, calibrate
+from .schedule import CalibratedSchedule
+
+__all__ = ["OBJECTIVES", "SEARCHES", "CalibratedSchedule", "calibrate"]

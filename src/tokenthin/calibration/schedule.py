@@ -1,0 +1,178 @@
+"""A calibrated per-layer schedule: what :func:`tokenthin.calibrate` found, saved to / loaded from JSON, and re-solved
+for each input shape the model is fed (``tokenthin.apply(model, method, schedule=sched)``).
+
+How a schedule carries over to other input sizes (budgets are per input):
+
+* merging (site ``layers``): the schedule is stored as integer ``r`` per layer for the calibrated patch count ``N``;
+  for an input with ``N'`` patches the tokens left after each layer are kept at the same *fraction* of the input's
+  patches (``n'_i = round(n_i / N * N')``, clamped so that a layer merges at most half of its tokens), then turned
+  back into integer ``r``. At the calibrated size this gives back exactly the stored ``r``.
+* single-site pruning (site ``layer:k``): the site ``k`` is kept and ``keep`` is a fraction of the input's patches.
+
+The FLOPs fraction a schedule reaches at another size differs slightly from the calibrated one (attention's share
+grows with the token count); calibrate again at the size you serve for the best fidelity per FLOP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..budget import Schedule, flops_fraction
+from ..errors import BudgetError
+from ..flops import EncoderDims
+
+FORMAT = "tokenthin.calibrated_schedule"
+VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibratedSchedule:
+    """A per-layer budget found on calibration images (see :func:`tokenthin.calibrate`).
+
+    ``site``: ``"layers"`` (``r`` tokens merged after each layer but the last) or ``"layer"`` (one reduction after
+    encoder layer ``layer`` keeping the fraction ``keep`` of the patches). ``grid`` / ``image_size``: the input it
+    was calibrated for. ``flops_target`` / ``flops``: asked and reached (analytic fraction of the unreduced encoder at
+    that size). ``fidelity``: the ``objective`` on the calibration images (1.0: identical to the unreduced model);
+    ``baseline_fidelity`` / ``baseline``: the same for the method's default solve of ``flops=flops_target`` (None
+    where that solve fails). ``seconds`` / ``images`` / ``forwards``: the search's cost.
+    """
+
+    method: str
+    site: str
+    num_layers: int
+    grid: tuple[int, int]
+    protected: int
+    flops_target: float
+    flops: float
+    objective: str
+    fidelity: float
+    search: str
+    r: tuple[int, ...] | None = None
+    layer: int | None = None
+    keep: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    image_size: tuple[int, int] | None = None
+    host: str = ""
+    hidden: int = 0
+    baseline: str | None = None
+    baseline_fidelity: float | None = None
+    seconds: float = 0.0
+    images: int = 0
+    forwards: int = 0
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.site == "layers":
+            if self.r is None or len(self.r) != self.num_layers - 1:
+                raise BudgetError(f"a 'layers' schedule needs {self.num_layers - 1} values of r, got {self.r!r}")
+        elif self.site == "layer":
+            if self.layer is None or self.keep is None or not 0 < self.keep <= 1:
+                raise BudgetError(
+                    f"a 'layer' schedule needs a layer and a keep fraction, got {self.layer}, {self.keep}"
+                )
+        else:
+            raise BudgetError(f"a calibrated schedule's site is 'layers' or 'layer', not {self.site!r}")
+
+    # ----- what it plans -----
+    @property
+    def patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def site_name(self) -> str:
+        """The site as ``apply(site=...)`` spells it."""
+        return "layers" if self.site == "layers" else f"layer:{self.layer}"
+
+    def tokens(self) -> list[int]:
+        """Patch tokens entering each layer at the calibrated size (site ``layers``)."""
+        n, out = self.patches, []
+        for i in range(self.num_layers):
+            out.append(n)
+            if self.r is not None and i < self.num_layers - 1:
+                n -= self.r[i]
+        return out
+
+    def for_grid(self, grid: tuple[int, int]) -> Schedule:
+        """The plain :class:`~tokenthin.budget.Schedule` for an input with this patch grid."""
+        L = self.num_layers
+        if self.site == "layer":
+            assert self.keep is not None
+            return Schedule("layer", L, layer=self.layer, keep=self.keep)
+        n_new = grid[0] * grid[1]
+        frac = [n / self.patches for n in self.tokens()]
+        n, rs = n_new, []
+        for i in range(L - 1):
+            want = round(frac[i + 1] * n_new)
+            nxt = max(n - n // 2, min(n, want))  # one layer merges at most half of its tokens
+            rs.append(n - nxt)
+            n = nxt
+        return Schedule("layers", L, r=tuple(rs))
+
+    def planner(self, dims: EncoderDims, grid: tuple[int, int]) -> Schedule:
+        """What the runtime calls for each input shape: checks the model, then :meth:`for_grid`."""
+        if dims.num_layers != self.num_layers or (self.hidden and dims.hidden != self.hidden):
+            raise BudgetError(
+                f"this schedule was calibrated on a model with {self.num_layers} layers of width {self.hidden} "
+                f"({self.host or 'unknown host'}); this model has {dims.num_layers} of width {dims.hidden}: "
+                "calibrate again on this model (tokenthin.calibrate)"
+            )
+        return self.for_grid(grid)
+
+    def flops_at(self, dims: EncoderDims, grid: tuple[int, int]) -> float:
+        """Analytic FLOPs fraction this schedule reaches on an input with this grid."""
+        return flops_fraction(self.for_grid(grid), dims, grid)
+
+    def describe(self) -> str:
+        plan = f"r={list(self.r or ())}" if self.site == "layers" else f"site=layer:{self.layer} keep={self.keep:.4f}"
+        return (
+            f"{self.method} calibrated ({self.search}, {self.objective}) for {self.grid[0]}x{self.grid[1]} patches: "
+            f"{plan}; flops {self.flops:.3f} (target {self.flops_target}), fidelity {self.fidelity:.4f}"
+            + (f" vs default {self.baseline_fidelity:.4f}" if self.baseline_fidelity is not None else "")
+            + f"; {self.seconds:.1f} s on {self.images} images ({self.forwards} forwards)"
+        )
+
+    # ----- JSON -----
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("grid", "image_size", "r"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CalibratedSchedule:
+        if d.get("format") != FORMAT:
+            raise BudgetError(f"not a tokenthin calibrated schedule (format {d.get('format')!r}, expected {FORMAT!r})")
+        if d.get("version") != VERSION:
+            raise BudgetError(
+                f"calibrated schedule version {d.get('version')!r}; this tokenthin reads version {VERSION}: "
+                "calibrate again with this version"
+            )
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names - {"format"}
+        if unknown:
+            raise BudgetError(f"unknown fields in a calibrated schedule: {sorted(unknown)}")
+        kw = {k: v for k, v in d.items() if k in names}
+        for k in ("grid", "image_size", "r"):
+            if kw.get(k) is not None:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibratedSchedule:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BudgetError(f"cannot read a calibrated schedule from {p}: {e}") from e
+        if not isinstance(d, dict):
+            raise BudgetError(f"{p} holds no calibrated schedule (a JSON object is expected)")
+        return cls.from_dict(d)
