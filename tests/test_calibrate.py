@@ -44,12 +44,12 @@ def calib() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tome_sched(model: torch.nn.Module, calib: torch.Tensor) -> CalibratedSchedule:
-    return calibrate(model, "tome", flops=0.5, images=calib, steps=4, progress=False)
+    return calibrate(model, "tome", flops=0.5, images=calib, steps=4, objective="cls", progress=False)
 
 
 @pytest.fixture(scope="module")
 def prune_sched(model: torch.nn.Module, calib: torch.Tensor) -> CalibratedSchedule:
-    return calibrate(model, "divprune", flops=0.5, images=calib, progress=False)
+    return calibrate(model, "divprune", flops=0.5, images=calib, objective="cls", progress=False)
 
 
 def _out(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +141,7 @@ def test_search_meets_the_flops_target(model, tome_sched: CalibratedSchedule, pr
 def test_calibrated_is_at_least_as_faithful_as_the_default_solve(model, calib, tome_sched, prune_sched) -> None:
     """Measured independently here: the default flops= solve (constant r / the fixed site rule) on the same images."""
     ref = _out(model, calib)[0]
-    sig = calibrate(model, "tome", flops=0.5, images=calib, search="sigmoid", progress=False)
+    sig = calibrate(model, "tome", flops=0.5, images=calib, search="sigmoid", objective="cls", progress=False)
     for s in (tome_sched, sig, prune_sched):
         with tokenthin.applied(model, s.method, flops=0.5):
             default = _cos(model, calib, ref)
@@ -199,6 +199,11 @@ def test_apply_schedule_from_a_path(model, tome_sched: CalibratedSchedule, tmp_p
         assert tokenthin.explain(model)["applied"]["schedule"] == f"site=layers r={list(tome_sched.r or ())}"
 
 
+def test_auto_objective_reads_the_patch_tokens_where_there_are_some(model, calib) -> None:
+    s = calibrate(model, "tome", flops=0.75, images=calib, steps=1, progress=False)
+    assert s.objective == "cls+patch"
+
+
 def test_patch_objective(model, calib) -> None:
     s = calibrate(model, "tome", flops=0.75, images=calib, objective="patch", steps=2, progress=False)
     assert s.objective == "patch" and 0 < s.fidelity <= 1 + 1e-6 and abs(s.flops - 0.75) <= 0.02
@@ -210,6 +215,7 @@ def test_timm_host() -> None:
     m = vit("plain", depth=LAYERS)
     s = calibrate(m, "tome", flops=0.6, images=images(3, seed=2), steps=2, progress=False)
     assert abs(s.flops - 0.6) <= 0.02 and s.host
+    assert s.objective == "cls"  # "auto": a timm model returns pooled features only
     x = images(2, seed=4)
     with tokenthin.applied(m, "tome", schedule=s), torch.no_grad():
         assert m(x).shape == (2, 32)

@@ -135,7 +135,9 @@ def bench_cmd(
         "calibration images (rows named METHOD+cal)",
     ),
     calibrate_search: str = typer.Option("greedy", help="--calibrated: greedy or sigmoid"),
-    calibrate_objective: str = typer.Option("cls", help="--calibrated: cls, patch or cls+patch"),
+    calibrate_objective: str = typer.Option(
+        "auto", help="--calibrated: auto (cls+patch where the model has patch tokens), cls, patch or cls+patch"
+    ),
     calibrate_steps: int = typer.Option(16, help="--calibrated: greedy steps (each tries every layer)"),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
@@ -180,7 +182,10 @@ def calibrate_cmd(
     out: str = typer.Option("sched.json", help="JSON file to write (several targets: NAME-<flops>.json each)"),
     model: str = typer.Option("dinov2-s", help="'dinov2-s' (bundled real DINOv2 ViT-S/14) or a local HF directory"),
     search: str = typer.Option("greedy", help="greedy (G-Search-like) or sigmoid (P-Sigmoid-like)"),
-    objective: str = typer.Option("cls", help="cls, patch or cls+patch (fidelity to the unreduced model)"),
+    objective: str = typer.Option(
+        "auto",
+        help="fidelity to the unreduced model: auto (cls+patch where there are patch tokens), cls, patch, cls+patch",
+    ),
     images: int = typer.Option(16, help="calibration images: those after the bench's first --eval-images"),
     eval_images: int = typer.Option(16, help="images the bench evaluates on, never used for calibration"),
     images_dir: str = typer.Option("", help="a folder of your own images instead of the bundled ones"),

@@ -99,7 +99,7 @@ def run_bench(
     samples: int = 16,
     calibrated: bool = False,
     calibrate_search: str = "greedy",
-    calibrate_objective: str = "cls",
+    calibrate_objective: str = "auto",
     calibrate_steps: int = 16,
 ) -> Path | None:
     if tasks == "vqa":
