@@ -104,3 +104,28 @@ def test_blocks_where_planning_costs_more_than_merging_saves_are_skipped() -> No
     with tokenthin.applied(model, "random", keep=0.95):  # no planning cost: merges even a few tokens
         run(model, x)
         assert tokenthin.info(model).merged[0] == 12
+
+
+def test_own_time_is_split_by_kind_and_takes_the_given_clock() -> None:
+    """measure=True splits tokenthin's own time into plan / merge / unmerge (summing to overhead_s), on the clock the
+    runtime is given (benchmarks pass time.thread_time), and measuring leaves the output unchanged."""
+    import time
+
+    unet = sd_unet()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with tokenthin.applied(unet, "tomesd", ratio=0.5, merge_mlp=True):
+        plain = run(unet, x)
+        rt = tokenthin.api.runtime_of(unet)
+        ticks: list[float] = []
+
+        def clock() -> float:
+            ticks.append(time.thread_time())
+            return ticks[-1]
+
+        rt.measure, rt.clock, rt.overhead_s, rt.overhead_by = True, clock, 0.0, {}
+        timed = run(unet, x)
+    assert torch.equal(plain, timed)
+    assert set(rt.overhead_by) == {"plan", "merge", "unmerge"} and all(v >= 0 for v in rt.overhead_by.values())
+    assert abs(sum(rt.overhead_by.values()) - rt.overhead_s) < 1e-9
+    # one tic and one toc per planned block, per merged part's merge and unmerge (attn + mlp)
+    assert len(ticks) >= 2 * 3 and len(ticks) % 2 == 0
