@@ -161,7 +161,8 @@ class DenoiserRuntime:
         st.blocks.append(i)
         st.grids.append(grid)
         st.tokens_in.append(n)
-        if not cost.worth_merging(n, r, x.shape[-1], self.options.parts, "keys" in self.method.signals):
+        reads = "keys" in self.method.signals
+        if not cost.worth_merging(n, r, x.shape[-1], self.options.parts, reads, self.options.soft_tile):
             st.tokens.append(n)  # nothing to merge, or too little to pay for the planning (denoise/cost.py)
             return None
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
