@@ -22,7 +22,10 @@ def _load():
     return mod
 
 
-def test_quick_run_writes_rows_and_table(tmp_path: Path) -> None:
+def test_quick_run_writes_rows_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tokenthin.denoise import cost
+
+    monkeypatch.setattr(cost, "ENABLED", False)  # the quick shapes' blocks cost less than a ToMA plan
     bench = _load()
     assert "tomesd" in bench.denoiser_methods() and "tome" not in bench.denoiser_methods()
     argv = [

@@ -104,3 +104,54 @@ def test_blocks_where_planning_costs_more_than_merging_saves_are_skipped() -> No
     with tokenthin.applied(model, "random", keep=0.95):  # no planning cost: merges even a few tokens
         run(model, x)
         assert tokenthin.info(model).merged[0] == 12
+
+
+def test_soft_plans_are_costed_by_their_greedy_rounds() -> None:
+    """ToMA's planning (tile-local greedy rounds, measured on CPU) is counted: it is skipped where it cost more than
+    it saved (the terrain UNet's 1024 tokens of width 64, tiny models) and kept where merging pays (SD-1.5's
+    64x64 level, DiT-XL's 256 tokens of width 1152), and cost.ENABLED = False merges regardless."""
+    from tokenthin.denoise import cost
+
+    assert not cost.worth_merging(1024, 256, 64, ("attn",), True, soft_tile=8)  # terrain, ratio 0.25
+    assert not cost.worth_merging(1024, 768, 64, ("attn",), True, soft_tile=8)  # terrain, ratio 0.75
+    assert cost.worth_merging(1024, 256, 64, ("attn",), True)  # tomesd's plan there: no greedy rounds
+    assert cost.worth_merging(4096, 2048, 320, ("attn",), True, soft_tile=8)  # SD-1.5 64x64, ratio 0.5
+    assert cost.worth_merging(256, 128, 1152, ("attn",), True, soft_tile=8)  # DiT-XL/2, ratio 0.5
+    # fewer rounds (fewer destinations per tile) cost less
+    assert cost.plan_flops(1024, 64, True, 768, 8) < cost.plan_flops(1024, 64, True, 256, 8)
+    model = sd_unet()
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = run(model, x)
+    with tokenthin.applied(model, "toma", ratio=0.5):
+        assert torch.equal(run(model, x), ref) and sum(tokenthin.info(model).merged) == 0
+    cost.ENABLED = False
+    try:
+        with tokenthin.applied(model, "toma", ratio=0.5):
+            assert not torch.equal(run(model, x), ref) and tokenthin.info(model).merged[0] == 128
+    finally:
+        cost.ENABLED = True
+
+
+def test_own_time_is_split_by_kind_and_takes_the_given_clock() -> None:
+    """measure=True splits tokenthin's own time into plan / merge / unmerge (summing to overhead_s), on the clock the
+    runtime is given (benchmarks pass time.thread_time), and measuring leaves the output unchanged."""
+    import time
+
+    unet = sd_unet()
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    with tokenthin.applied(unet, "tomesd", ratio=0.5, merge_mlp=True):
+        plain = run(unet, x)
+        rt = tokenthin.api.runtime_of(unet)
+        ticks: list[float] = []
+
+        def clock() -> float:
+            ticks.append(time.thread_time())
+            return ticks[-1]
+
+        rt.measure, rt.clock, rt.overhead_s, rt.overhead_by = True, clock, 0.0, {}
+        timed = run(unet, x)
+    assert torch.equal(plain, timed)
+    assert set(rt.overhead_by) == {"plan", "merge", "unmerge"} and all(v >= 0 for v in rt.overhead_by.values())
+    assert abs(sum(rt.overhead_by.values()) - rt.overhead_s) < 1e-9
+    # one tic and one toc per planned block, per merged part's merge and unmerge (attn + mlp)
+    assert len(ticks) >= 2 * 3 and len(ticks) % 2 == 0

@@ -20,6 +20,14 @@ from tokenthin.ops import soft
 pytest.importorskip("diffusers")
 
 
+@pytest.fixture(autouse=True)
+def _merge_whatever_it_costs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tiny UNets' blocks cost less than a ToMA plan (denoise/cost.py would skip them): test the merging."""
+    from tokenthin.denoise import cost
+
+    monkeypatch.setattr(cost, "ENABLED", False)
+
+
 class _Keys:
     has_cls = False
 

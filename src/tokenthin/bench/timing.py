@@ -51,15 +51,24 @@ def set_reduced(rt: Any, reduced: bool) -> None:
         rt.detach()
 
 
-def alternate(rt: Any, repeats: int, fns: Sequence[Callable[[], object]]) -> dict[bool, list[float]]:
+def alternate(
+    rt: Any, repeats: int, fns: Sequence[Callable[[], object]], cpu: dict[bool, list[float]] | None = None
+) -> dict[bool, list[float]]:
     """Seconds of each of ``fns``, summed over ``repeats``, with the runtime's hooks on (True) and off (False), the
-    order of the two flipping every repeat so that drift hits both. Leaves the hooks on."""
+    order of the two flipping every repeat so that drift hits both. Leaves the hooks on. With ``cpu`` (a dict), the
+    calling thread's CPU seconds (``time.thread_time``) of the same calls go there too: with one torch thread every
+    op runs on that thread, and other jobs on a shared machine distort it far less than the wall clock."""
     t = {True: [0.0] * len(fns), False: [0.0] * len(fns)}
+    if cpu is not None:
+        cpu.update({True: [0.0] * len(fns), False: [0.0] * len(fns)})
     for r in range(repeats):
         for reduced in (r % 2 == 1, r % 2 == 0):
             set_reduced(rt, reduced)
             for j, fn in enumerate(fns):
+                c0 = time.thread_time()
                 t[reduced][j] += timed(fn)
+                if cpu is not None:
+                    cpu[reduced][j] += time.thread_time() - c0
     set_reduced(rt, True)
     return t
 

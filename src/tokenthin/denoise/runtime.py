@@ -52,6 +52,8 @@ class DenoiserRuntime:
         self.calibrating = False
         self.measure = False  # accumulate the time spent planning, merging and unmerging into ``overhead_s``
         self.overhead_s = 0.0
+        self.overhead_by: dict[str, float] = {}  # the same split by kind: "plan", "merge", "unmerge"
+        self.clock = time.perf_counter  # benchmarks may set time.thread_time (one-thread CPU time)
         self._st: DenoiseCall | None = None
         self._calls = 0  # denoiser calls opened (soft-plan reuse counts them)
         # the default (mean) merge takes the precomputed row path; a method's own merge (ToFu's MLERP) does not
@@ -128,7 +130,7 @@ class DenoiserRuntime:
             x = self.adapter.block_tokens(i, args, kwargs)
             t0 = self._tic(x)
             merge = self._plan(st, i, x)
-            self._toc(x, t0)
+            self._toc(x, t0, "plan")
             if merge is not None:
                 merge.prefix = self.adapter.block_prefix(i, args, kwargs)
                 st.active[i] = merge
@@ -159,7 +161,8 @@ class DenoiserRuntime:
         st.blocks.append(i)
         st.grids.append(grid)
         st.tokens_in.append(n)
-        if not cost.worth_merging(n, r, x.shape[-1], self.options.parts, "keys" in self.method.signals):
+        reads = "keys" in self.method.signals
+        if not cost.worth_merging(n, r, x.shape[-1], self.options.parts, reads, self.options.soft_tile):
             st.tokens.append(n)  # nothing to merge, or too little to pay for the planning (denoise/cost.py)
             return None
         valid = torch.ones(b, n, dtype=torch.bool, device=x.device)
@@ -237,7 +240,7 @@ class DenoiserRuntime:
             xm = self._merge(i, t[:, p:] if p else t, merge)
             if p:
                 xm = torch.cat([t[:, :p], xm], dim=1)
-            self._toc(t, t0)
+            self._toc(t, t0, "merge")
             merge.memo[role] = (t, xm)
             return a.enter_args(i, args, kwargs, xm, self._slots(merge))
 
@@ -263,7 +266,7 @@ class DenoiserRuntime:
                 full = assign.unmerge(yi, merge.source)
             if p:
                 full = torch.cat([y[:, :p], full], dim=1)
-            self._toc(y, t0)
+            self._toc(y, t0, "unmerge")
             merge.done.add(role)
             del merge.memo[role]
             return a.with_layer_output(out, full)
@@ -306,7 +309,7 @@ class DenoiserRuntime:
                 )
             t0 = self._tic(t)
             xm = self._merge(i, t, merge)
-            self._toc(t, t0)
+            self._toc(t, t0, "merge")
             if first:
                 merge.memo[role] = (t, xm)
             merge.done.add(role)
@@ -319,12 +322,14 @@ class DenoiserRuntime:
         if not self.measure:
             return 0.0
         _sync(x.device)
-        return time.perf_counter()
+        return self.clock()
 
-    def _toc(self, x: torch.Tensor, t0: float) -> None:
+    def _toc(self, x: torch.Tensor, t0: float, kind: str) -> None:
         if self.measure:
             _sync(x.device)
-            self.overhead_s += time.perf_counter() - t0
+            dt = self.clock() - t0
+            self.overhead_s += dt
+            self.overhead_by[kind] = self.overhead_by.get(kind, 0.0) + dt
 
     def describe(self) -> dict[str, Any]:
         """The plan (explain()'s ``applied``)."""

@@ -2,10 +2,10 @@
 or ``site="block:k"``) and the parts (``merge_attn`` / ``merge_crossattn`` / ``merge_mlp``).
 
 A method that acts on denoisers may declare these parameters under tomesd's names; the runtime reads them here and
-nowhere else (and ``reuse_steps``, a soft-mode method's plan reuse across calls). A method whose own parameters
-fix its budget (``Method.block_ratio``: ToDo's ``downsample_factor``) takes neither ``ratio=`` nor ``keep=``.
-Methods that do not (``tome``, ``random``, ``pool``) take ``keep=`` and merge in the level-0 blocks'
-self-attention, tomesd's defaults.
+nowhere else (and, for a soft-mode method, ``reuse_steps``, its plan reuse across calls, and ``tile``, its tile
+side). A method whose own parameters fix its budget (``Method.block_ratio``: ToDo's ``downsample_factor``) takes
+neither ``ratio=`` nor ``keep=``. Methods that do not (``tome``, ``random``, ``pool``) take ``keep=`` and merge in
+the level-0 blocks' self-attention, tomesd's defaults.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def build(model: nn.Module, adapter: DenoiserAdapter, cls: type[Method], m: Meth
     if kind != "block":
         raise SiteError(f"a denoiser offers site 'block' (or 'block:k', k in 0..{n - 1}), not '{req.site}'")
     blocks = (k,) if k is not None else tuple(i for i in range(n) if 2 ** adapter.level(i) <= max_ds)
-    options = BlockOptions(ratio, max_ds, blocks, roles, mode=mode, reuse_steps=reuse)
+    tile = int(m.p.get("tile", 8)) if mode == "soft" else 0  # ToMA's tiles set its planning cost
+    options = BlockOptions(ratio, max_ds, blocks, roles, mode=mode, reuse_steps=reuse, soft_tile=tile)
     return DenoiserRuntime(model, adapter, m, options)
 
 

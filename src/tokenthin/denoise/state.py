@@ -24,7 +24,8 @@ class BlockOptions:
       (the self-attention's keys / values reduced by an assignment, queries and outputs untouched) or ``"soft"``
       (merge -> compute -> unmerge by a many-to-many :class:`~tokenthin.ops.soft.SoftPlan`);
     * ``reuse_steps``: a soft plan is computed at one denoiser call and reused by the same block for this many
-      calls in all (1: planned at every call), as long as the block's input shape does not change.
+      calls in all (1: planned at every call), as long as the block's input shape does not change;
+    * ``soft_tile``: in mode "soft", the method's ``tile`` (its planning cost grows with it), else 0.
     """
 
     ratio: float
@@ -33,6 +34,7 @@ class BlockOptions:
     parts: tuple[str, ...]
     mode: str = "merge"
     reuse_steps: int = 1
+    soft_tile: int = 0  # a soft plan's tile side (ToMA's ``tile``), for the planning cost (denoise/cost.py)
 
     def describe(self) -> str:
         reuse = f" reuse_steps={self.reuse_steps}" if self.mode == "soft" else ""
