@@ -6,7 +6,8 @@ to the unreduced model, saliency-map Pearson r after unmerge, and (``--knn``) Fa
 * ``rule:<method>:<rule>``: a merge method at site ``layers`` with the schedule that solver rule picks
   (:mod:`tokenthin.solver`: ``hold``, ``sum_log``, ``constant``);
 * ``cap:<m>[:<rule>]``: ``resize-tome`` with ``min_keep=m`` (and that solver rule);
-* ``<method>``: a method with ``flops=`` as ``tokenthin bench`` applies it (e.g. ``downsample``).
+* ``<method>``: a method with ``flops=`` as ``tokenthin bench`` applies it (e.g. ``downsample``);
+* ``<method>+official``: the same with ``official=True`` (its parity mode, e.g. ``tome+official``).
 
     PYTHONPATH=src python benchmarks/bench_solver.py --budgets 0.25,0.5,0.75 rule:tome:hold rule:tome:constant \\
         cap:0.2 downsample [--knn]
@@ -67,6 +68,9 @@ def apply_config(bm, name: str, flops: float, grid: tuple[int, int]) -> str:
         share = float(name.split(":")[1])
         solver.DEFAULT_RULE = name.split(":")[2] if name.count(":") == 2 else DEFAULT
         tokenthin.apply(enc, "resize-tome", flops=flops, min_keep=share, unmerge=True, image_size=bm.image_size)
+    elif name.endswith("+official"):  # a method's official=True parity mode, at the default solve
+        method = name[: -len("+official")]
+        tokenthin.apply(enc, method, flops=flops, unmerge=True, image_size=bm.image_size, official=True)
     else:
         tokenthin.apply(enc, name, flops=flops, unmerge=True, image_size=bm.image_size)
     return tokenthin.explain(enc)["applied"]["schedule"]

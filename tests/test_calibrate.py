@@ -204,6 +204,11 @@ def test_auto_objective_reads_the_patch_tokens_where_there_are_some(model, calib
     assert s.objective == "cls+patch"
 
 
+def test_a_method_that_resizes_the_input_is_refused(model, calib) -> None:
+    with pytest.raises(TokenThinError, match="chooses the input size"):
+        calibrate(model, "resize-tome", flops=0.5, images=calib, progress=False)
+
+
 def test_patch_objective(model, calib) -> None:
     s = calibrate(model, "tome", flops=0.75, images=calib, objective="patch", steps=2, progress=False)
     assert s.objective == "patch" and 0 < s.fidelity <= 1 + 1e-6 and abs(s.flops - 0.75) <= 0.02

@@ -289,6 +289,8 @@ class Runner:
         if (method, budget) not in self._cal:
             x = self.data.calibration.to(self.device)
             opts = dict(self.cfg.calibration)
+            if all_methods()[method].kind == "prune":  # one pruning site: every site is tried whatever the merge search
+                opts["search"] = "greedy"
             try:
                 found = calibrate(self.m.encoder, method, flops=list(self.cfg.budgets), images=x, **opts)
                 self._cal.update({(method, b): s for b, s in zip(self.cfg.budgets, found)})

@@ -169,6 +169,11 @@ def calibrate(
             f"method '{method}' calibrates its own thresholds (apply(..., calibration=images)); its token counts "
             "vary per image, so there is no per-layer schedule to search"
         )
+    if cls.resizes_input:
+        raise TokenThinError(
+            f"method '{method}' chooses the input size under flops= itself, which calibration does not search; "
+            "apply it with flops=, or calibrate 'tome' (merging at the full size)"
+        )
     if cls.kind == "merge" and "layers" in cls.sites and "layers" in adapter.sites:
         site = "layers"
     elif cls.kind == "prune" and "layer" in cls.sites and "layer" in adapter.sites:
