@@ -309,6 +309,11 @@ def test_pareto_plot_writes_png(tmp_path):
     assert one.stat().st_size > 5_000
     no_sal = [r for r in synthetic_rows() if r["task"] != "saliency"]
     assert pareto_plot(no_sal, tmp_path / "nosal.png").stat().st_size > 5_000
+    # a quality-only run (no timed rows): one column of panels, no empty speedup axes
+    untimed = [r for r in synthetic_rows() if r["task"] != "cost"]
+    narrow = pareto_plot(untimed, tmp_path / "untimed.png").read_bytes()
+    width = int.from_bytes(narrow[16:20], "big")
+    assert width < int.from_bytes(data[16:20], "big") * 0.75
     with pytest.raises(ValueError):
         pareto_plot(synthetic_rows(), tmp_path / "bad.png", quality=["nope"])
     assert not os.path.exists(tmp_path / "bad.png")

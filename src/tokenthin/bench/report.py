@@ -243,7 +243,8 @@ def pareto_plot(
     One row of panels per quality metric. ``quality`` names summary columns (see :data:`QUALITY`). The
     default is feature ``cosine``, ``knn_retained`` and ``sal_pearson``, keeping those with data. Each model
     gets two columns: x = achieved analytic FLOPs fraction, and x = measured speedup (from the cost rows of
-    the same method and budget; a point without one is left out). Each method is one line across its
+    the same method and budget; a point without one is left out; no speedup column where no row was timed).
+    Each method is one line across its
     budgets. Baselines (random, pool, downsample) are dashed greys. The unreduced model is a star at
     (1.0, 1.0), or at its measured value for metrics that are not relative to it (``knn_acc``). The legend
     sits outside, to the right. Rendered with the Agg canvas directly, so pyplot's global state is untouched.
@@ -273,7 +274,11 @@ def pareto_plot(
     methods = [m for m in methods if m not in baselines] + [m for m in methods if m in baselines]
     styles = _styles(methods, baselines)
 
-    n_rows, n_cols = len(quality), 2 * len(models)
+    xcols = [("flops", "analytic FLOPs fraction  (← cheaper)")]
+    if any(r["speedup"] is not None for r in table):  # no timed rows (a quality-only run): no empty speed panels
+        xcols.append(("speedup", "measured speedup, ×  (faster →)"))
+    per = len(xcols)
+    n_rows, n_cols = len(quality), per * len(models)
     fig = Figure(figsize=(4.6 * n_cols + 2.2, 3.5 * n_rows + 0.4), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, n_cols, squeeze=False, sharey="row")
@@ -290,10 +295,8 @@ def pareto_plot(
                     for r in rows
                     if isinstance(r, Mapping) and r.get("model") == model and r.get("task") == "knn"
                 )
-            for xi, (xcol, xlabel) in enumerate(
-                (("flops", "analytic FLOPs fraction  (← cheaper)"), ("speedup", "measured speedup, ×  (faster →)"))
-            ):
-                ax = axes[qi][2 * mi + xi]
+            for xi, (xcol, xlabel) in enumerate(xcols):
+                ax = axes[qi][per * mi + xi]
                 for m in methods:
                     pts = sorted(
                         (r["budget"], r[xcol], r[q])
@@ -321,7 +324,7 @@ def pareto_plot(
                 ax.tick_params(labelsize=9)
                 if qi == n_rows - 1:
                     ax.set_xlabel(xlabel, fontsize=10)
-                if 2 * mi + xi == 0:
+                if per * mi + xi == 0:
                     ax.set_ylabel(label, fontsize=10)
                 if qi == 0:
                     title = "vs analytic FLOPs" if xcol == "flops" else "vs measured wall-clock speedup"
