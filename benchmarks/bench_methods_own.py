@@ -55,6 +55,7 @@ except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import tokenthin
 from tokenthin.adapters.registry import find_adapter
+from tokenthin.bench.timing import set_reduced  # attach / detach once (a second attach doubles the hooks)
 from tokenthin.errors import TokenThinError
 
 ENCODER_METHODS = ("coverage", "divprune", "kcenter", "hiprune", "pitome")
@@ -101,9 +102,9 @@ def _interleaved(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float
     t: dict[bool, list[float]] = {True: [], False: []}
     for r in range(repeats):
         for reduced in (r % 2 == 1, r % 2 == 0):
-            (rt.attach if reduced else rt.detach)()
+            set_reduced(rt, reduced)
             t[reduced].append(_timed(fn))
-    rt.attach()
+    set_reduced(rt, True)
     return statistics.median(t[False]), statistics.median(t[True])
 
 
@@ -116,12 +117,12 @@ def _interleaved_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[f
     try:
         for r in range(repeats):
             for reduced in (r % 2 == 1, r % 2 == 0):
-                (rt.attach if reduced else rt.detach)()
+                set_reduced(rt, reduced)
                 t0 = time.thread_time()
                 fn()
                 t[reduced].append(time.thread_time() - t0)
     finally:
-        rt.attach()
+        set_reduced(rt, True)
         torch.set_num_threads(before)
     return statistics.median(t[False]), statistics.median(t[True])
 
