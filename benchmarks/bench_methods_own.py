@@ -32,7 +32,8 @@ the share divides it by the reduced call it is part of. "Method CPU" is the thre
 
 ``--keep 0.75,0.5,0.25,0.1`` runs ``ocr-1024`` / ``asr-1500`` at each keep (goal 2's table, with one-thread CPU
 ratios and own shares). ``--methods all``: every method the host takes (goal 1's table: ``--sizes
-dinov2-224,dinov2-448,dinov2-518 --methods all``; ``dtome`` calibrates on 8 other images). Sizes whose weights are
+dinov2-224,dinov2-448,dinov2-518 --methods all``; ``dtome`` calibrates on 8 other images). ``--report FILE ...``
+prints the tables of rows saved with ``--json`` (runs nothing). Sizes whose weights are
 missing are skipped with a line saying why. Methods a host cannot run get an ``n/a`` row.
 """
 
@@ -421,7 +422,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48, help="ocr-1024: tokens generated per formula")
     p.add_argument("--lm-layers", type=int, default=1, help="llava-*: language-model layers built (share: x 32)")
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    p.add_argument("--report", nargs="+", default=None, help="print the tables of saved JSON-lines files; run nothing")
     args = p.parse_args()
+    if args.report:
+        saved = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines() if line.strip()]
+        report(saved)
+        return
     methods = args.methods.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows: list[dict[str, Any]] = []
@@ -443,6 +449,10 @@ def main() -> None:
         with open(args.json, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+    report(rows)
+
+
+def report(rows: list[dict[str, Any]]) -> None:
     print(table(rows))
     if any("share_cpu" in r and "predicted" in r for r in rows):
         print()
