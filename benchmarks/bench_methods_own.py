@@ -326,17 +326,41 @@ def build_vlm(tokens: int, lm_layers: int) -> tuple[torch.nn.Module, dict[str, t
     return build(tokens, vision=vision, text={**text, "num_attention_heads": 32, "num_key_value_heads": 32})
 
 
-def _first_layer_clock(model: torch.nn.Module) -> tuple[list[float], Callable[[], None]]:
+def _first_layer_clock(
+    model: torch.nn.Module, clock: Callable[[], float] = time.perf_counter
+) -> tuple[list[float], Callable[[], None]]:
     """Seconds of every call of the language model's first decoder layer (hooks; returns (times, remove))."""
     layer = model.model.language_model.layers[0]
     times: list[float] = []
     start: list[float] = []
-    h1 = layer.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
-    h2 = layer.register_forward_hook(lambda *_: times.append(time.perf_counter() - start.pop()))
+    h1 = layer.register_forward_pre_hook(lambda *_: start.append(clock()))
+    h2 = layer.register_forward_hook(lambda *_: times.append(clock() - start.pop()))
     return times, lambda: (h1.remove(), h2.remove())
 
 
-def vlm_rows(methods: list[str], tokens: int, keep: float, repeats: int, lm_layers: int) -> list[dict[str, Any]]:
+def _vlm_cpu(model: torch.nn.Module, rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median thread CPU seconds of tokenthin's own work in one reduced prefill and of the language model's first
+    layer in it, torch on one thread (robust to a busy machine, unlike wall time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times, unhook = _first_layer_clock(model, time.thread_time)
+    own: list[float] = []
+    try:
+        rt.clock, rt.measure = time.thread_time, True
+        for _ in range(repeats):
+            rt.overhead_s = 0.0
+            fn()
+            own.append(rt.overhead_s)
+    finally:
+        rt.clock, rt.measure = time.perf_counter, False
+        unhook()
+        torch.set_num_threads(before)
+    return statistics.median(own), statistics.median(times)
+
+
+def vlm_rows(
+    methods: list[str], tokens: int, keep: float, repeats: int, lm_layers: int, cpu_too: bool = True
+) -> list[dict[str, Any]]:
     built: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
     rows = []
     for name in [m for m in methods if m in VLM_METHODS]:
@@ -359,6 +383,8 @@ def vlm_rows(methods: list[str], tokens: int, keep: float, repeats: int, lm_laye
             times.clear()
             own, wall, cpu = _own_and_time(rt, prefill, repeats)
             layer_s = statistics.median(times)
+            unhook()
+            own_cpu, layer_cpu = _vlm_cpu(model, rt, prefill, repeats) if cpu_too else (None, None)
             info = tokenthin.info(model)
             row.update(
                 own_ms=own * 1e3,
@@ -370,6 +396,8 @@ def vlm_rows(methods: list[str], tokens: int, keep: float, repeats: int, lm_laye
                 kept=info.kept[0],
                 site=rt.schedule.site,
             )
+            if own_cpu is not None and layer_cpu is not None:
+                row.update(own_cpu_ms=own_cpu * 1e3, layer_cpu_ms=layer_cpu * 1e3, share_cpu=own_cpu / (32 * layer_cpu))
         except TokenThinError as exc:
             row["error"] = str(exc).split(":")[0]
         finally:
@@ -404,6 +432,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             )
         if "layer_ms" in r:
             notes.append(f"kept {r['kept']}; LM layer {r['layer_ms']:.0f} ms")
+        if "layer_cpu_ms" in r:
+            notes.append(
+                f"1-thread CPU: own {r['own_cpu_ms']:.1f} ms, LM layer {r['layer_cpu_ms']:.0f} ms, share "
+                f"{100 * r['share_cpu']:.2f}% of 32 layers"
+            )
         lines.append(
             f"| {r['size']} | {r['method']} | {r['own_ms']:.1f} ms | {100 * r['share']:.1f}% | {r['of']} | "
             f"{r['reduce_cpu_ms']:.1f} ms | {'; '.join(notes)} |"
