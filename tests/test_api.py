@@ -161,3 +161,37 @@ def test_tome_beyond_half_at_one_site_merges_in_rounds(images: torch.Tensor) -> 
     for i in range(images.shape[0]):
         single = outputs(model, images[i : i + 1])["last_hidden_state"]
         assert torch.allclose(batched[i : i + 1], single, atol=2e-5)
+
+
+def test_attach_twice_installs_one_set_of_hooks(images: torch.Tensor) -> None:
+    # a benchmark that re-attaches an attached runtime (interleaved timing) must not reduce every point twice
+    model = build("dinov2")
+    tokenthin.apply(model, "tome", r=2)
+    rt = tokenthin.runtime_of(model)
+    ref = outputs(model, images)["last_hidden_state"]
+    n = len(rt.handles)
+    rt.attach()
+    assert len(rt.handles) == n
+    assert torch.equal(outputs(model, images)["last_hidden_state"], ref)
+    assert tokenthin.info(model).tokens_per_layer == [65, 63, 61]
+    rt.detach()
+    rt.attach()
+    assert torch.equal(outputs(model, images)["last_hidden_state"], ref)
+    tokenthin.remove(model)
+
+
+def test_vlm_attach_twice_installs_one_set_of_hooks() -> None:
+    from tiny_vlm import PROMPTS, batch, llava, pixels
+
+    model = llava()
+    ids, mask = batch([PROMPTS[0]])
+    pv = pixels(1)
+    tokenthin.apply(model, "fastervlm", keep=0.5)
+    rt = tokenthin.runtime_of(model)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits
+        n = len(rt.handles)
+        rt.attach()
+        assert len(rt.handles) == n
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, pixel_values=pv).logits, ref)
+    tokenthin.remove(model)

@@ -70,6 +70,9 @@ class Runtime:
 
     # ----- hook management -----
     def attach(self) -> None:
+        """Install the hooks; a no-op when they are installed already (a second set would reduce every point twice)."""
+        if self.handles:
+            return
         a = self.adapter
         self.handles.append(a.root.register_forward_pre_hook(self._start, with_kwargs=True))
         self.handles.append(a.root.register_forward_hook(self._finish, with_kwargs=True, always_call=True))

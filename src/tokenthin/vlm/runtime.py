@@ -77,6 +77,9 @@ class VLMRuntime:
 
     # ----- hooks -----
     def attach(self) -> None:
+        """Install the hooks; a no-op when they are installed already (a second set would reduce twice)."""
+        if self.handles:
+            return
         a = self.adapter
         if self.tower is not None:
             self.tower.attach()
