@@ -241,9 +241,6 @@ def run_host(host: Host, args: argparse.Namespace, device: torch.device, emit: C
 def compiled(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     # the unreduced copy and one reduced copy per method share the model's code objects: let each keep its variant
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    # guard module hooks: each copy carries its own (or no) tokenthin hooks, and code traced with one copy's hooks
-    # must not run for another's (dynamo skips these guards by default)
-    torch._dynamo.config.skip_nnmodule_hook_guards = False
     return torch.compile(model, backend=args.backend)
 
 
@@ -357,6 +354,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    # guard module hooks: each copy carries its own (or no) tokenthin hooks, and code traced with one copy's hooks
+    # must not run for another's (dynamo skips these guards by default); patched for this run only
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> list[dict]:
     args = parse(argv)
     if args.dry_run:
         device, dtype = torch.device("cpu"), torch.float32

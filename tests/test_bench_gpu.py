@@ -27,7 +27,9 @@ def test_arguments_parse() -> None:
 
 def test_dry_run_builds_the_table(tmp_path: Path) -> None:
     args = ["--dry-run", "--models", "vit-b-hf", "--methods", "tome,random", "--modes", "eager,compiled"]
+    guards = torch._dynamo.config.skip_nnmodule_hook_guards
     rows = gpu.main([*args, "--out", str(tmp_path)])
+    assert torch._dynamo.config.skip_nnmodule_hook_guards == guards  # the run's hook guards do not leak out
     assert [(r["mode"], r["method"]) for r in rows] == [
         ("eager", "tome"),
         ("eager", "random"),
