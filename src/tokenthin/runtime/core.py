@@ -20,10 +20,11 @@ from torch import nn
 from ..adapters.contract import Adapter, Layout
 from ..budget import Schedule, flops_fraction, tokens_per_layer
 from ..errors import InputMismatchError
-from ..methods.base import Method, OrderedPlan, ReduceInput, SignalSource
+from ..methods.base import Method, ReduceInput, SignalSource
 from ..ops import assign, ordered
 from .block import block_merge, block_unmerge
-from .state import CallState, Source, TokenInfo, _cpu_threads, _Signals, _Sub, _sync, _trimmed, grid_source, key_bias
+from .grouped import plan_grouped
+from .state import CallState, Source, TokenInfo, _cpu_threads, _Signals, _sync, grid_source, key_bias
 from .tracing import check_traceable, one_frame
 
 Planner = Callable[[Layout], Schedule]
@@ -237,54 +238,6 @@ class Runtime:
             _sync(x.device)
             self.overhead_s += self.clock() - t0
 
-    def _plan(
-        self, inp: ReduceInput, keep_n: torch.Tensor, trim: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The method's plan; where samples keep different counts (the caller's padding, a dynamic method before)
-        and the method needs one count per batch, it plans each group of equal counts apart. ``trim``: nothing was
-        reduced yet and the caller padded; each group is then planned on its real tokens alone (:func:`_trimmed`),
-        so grid and sequence methods see what the sample run alone, unpadded, shows them."""
-        uniform = bool((keep_n == keep_n[0]).all() and (inp.counts == inp.counts[0]).all())
-        if self.method.dynamic or (uniform and not trim):
-            return self.method.reduce(inp, keep_n)
-        b, n = inp.valid.shape
-        keep = torch.zeros(b, n, dtype=torch.bool, device=inp.x.device)
-        target: torch.Tensor | None = None
-        order: torch.Tensor | None = None  # an OrderedPlan's order, assembled over the groups
-        groups = torch.stack([keep_n, inp.counts], 1).unique(dim=0)
-        for g in groups:
-            idx = ((keep_n == g[0]) & (inp.counts == g[1])).nonzero().squeeze(1)
-            sub = ReduceInput(
-                x=inp.x[idx],
-                size=inp.size[idx],
-                valid=inp.valid[idx],
-                num_protected=inp.num_protected,
-                layer=inp.layer,
-                num_layers=inp.num_layers,
-                grid=inp.grid,
-                pristine=inp.pristine,
-                signals=_Sub(inp.signals, rows=idx),
-                calibrating=inp.calibrating,
-                layout=inp.layout,
-                order=None if inp.order is None else inp.order[idx],
-            )
-            trimmed = _trimmed(sub) if trim else None
-            got = self.method.reduce(sub if trimmed is None else trimmed, keep_n[idx])
-            k, t = got
-            o = ordered.parts(got)[0]
-            if o is not None:
-                order = torch.zeros(b, n, dtype=torch.float64, device=inp.x.device) if order is None else order
-                order[idx, : o.shape[1]] = o.to(torch.float64)
-            if k.shape[1] < n:  # planned on the real tokens: the padding is neither kept nor merged
-                k = torch.cat([k, k.new_zeros(k.shape[0], n - k.shape[1])], 1)
-                t = None if t is None else torch.cat([t, t.new_full((t.shape[0], n - t.shape[1]), -1)], 1)
-            keep[idx] = k
-            if t is not None:
-                if target is None:
-                    target = torch.full((b, n), -1, dtype=torch.long, device=inp.x.device)
-                target[idx] = t
-        return (keep, target) if order is None else OrderedPlan(keep, target, order)
-
     def assignment(
         self, st: CallState, i: int, x: torch.Tensor, signals: SignalSource, pristine: bool
     ) -> tuple[assign.Assignment, torch.Tensor] | None:
@@ -328,7 +281,7 @@ class Runtime:
             keep_n = st.schedule.keep_at(i, inp.counts, st.content, self.method.dynamic)
             if st.schedule.site == "block" and bool((keep_n >= inp.counts).all()):
                 return None
-            got = self._plan(inp, keep_n, trim=pristine and st.layout.padding is not None)
+            got = plan_grouped(self.method, inp, keep_n, trim=pristine and st.layout.padding is not None)
         keep, target = got
         st.plan_order = ordered.parts(got)[0]
         keep = keep.clone()
