@@ -139,6 +139,12 @@ def bench_cmd(
         "auto", help="--calibrated: auto (cls+patch where the model has patch tokens), cls, patch or cls+patch"
     ),
     calibrate_steps: int = typer.Option(16, help="--calibrated: greedy steps (each tries every layer)"),
+    official: bool = typer.Option(
+        False,
+        "--official",
+        help="also run each method that has a parity mode with official=True (rows named METHOD+official; "
+        "a METHOD+official name in --methods runs just that one)",
+    ),
 ) -> None:
     """Quality / FLOPs / speed of every method at equal FLOPs on real weights, with baselines; writes
     results.jsonl, summary.csv, summary.md, pareto.png and viz_*.png."""
@@ -172,6 +178,7 @@ def bench_cmd(
         calibrate_search=calibrate_search,
         calibrate_objective=calibrate_objective,
         calibrate_steps=calibrate_steps,
+        official=official,
     )
 
 

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .speech import clips as speech_clips
 from .speech import wer
 from .timing import alternate, memory_and_own
+from .variants import apply_kwargs, base_name
 
 BASELINES = ("random", "pool")
 
@@ -66,7 +67,7 @@ def run_asr_bench(
     for name, keep in tqdm([(n, k) for n in names for k in keeps], desc="asr", unit="config"):
         row: dict[str, Any] = {"method": name, "keep": keep}
         try:
-            api.apply(model, name, keep=keep, site=site)
+            api.apply(model, base_name(name), keep=keep, site=site, **apply_kwargs(name))
         except TokenThinError as exc:
             rows.append({**row, "error": str(exc).split(";")[0]})
             continue

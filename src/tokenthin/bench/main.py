@@ -12,8 +12,9 @@ import typer
 from .. import api
 from ..errors import TokenThinError
 from ..methods.base import all_methods
-from .runner import BASELINES, CAL, TASKS, BenchConfig, BenchData, BenchModel, Runner
+from .runner import BASELINES, TASKS, BenchConfig, BenchData, BenchModel, Runner
 from .store import ResultStore
+from .variants import CAL, check_names, with_official
 
 CALIBRATION_IMAGES = 16
 
@@ -101,6 +102,7 @@ def run_bench(
     calibrate_search: str = "greedy",
     calibrate_objective: str = "auto",
     calibrate_steps: int = 16,
+    official: bool = False,
 ) -> Path | None:
     if tasks == "vqa":
         return _run_vqa(
@@ -117,11 +119,13 @@ def run_bench(
     chosen = [m.strip() for m in methods.split(",") if m.strip()] or [
         m for m, c in known.items() if m not in BASELINES and encoder_sites & set(c.sites) and not c.needs_prompt
     ]
-    for m in chosen:
-        if m.removesuffix(CAL) not in known:
-            raise typer.BadParameter(f"unknown method '{m}'; known: {', '.join(known)}")
+    problem = check_names(chosen, known)
+    if problem:
+        raise typer.BadParameter(problem)
+    if official:  # a parity-mode row next to each method that has one
+        chosen = with_official(chosen, known)
     if calibrated:  # a calibrated row next to each method that has a per-layer schedule to search
-        chosen += [f"{m}{CAL}" for m in chosen if not m.endswith(CAL) and _calibratable(known[m])]
+        chosen += [f"{m}{CAL}" for m in chosen if m in known and _calibratable(known[m])]
     chosen += [b for b in BASELINES if b not in chosen]
     task_list = TASKS if tasks == "all" else tuple(t.strip() for t in tasks.split(","))
     bad = [t for t in task_list if t not in (*TASKS, "ocr", "text", "asr")]
@@ -134,6 +138,12 @@ def run_bench(
     if bad:
         tasks_list = f"{', '.join(TASKS)}, all, ocr, text, asr, vqa or diffusion"
         raise typer.BadParameter(f"unknown task(s) {bad}; tasks: {tasks_list}")
+    own_model = {"asr", "ocr", "text"} & set(task_list)
+    if own_model and any(m.endswith(CAL) for m in chosen):
+        raise typer.BadParameter(
+            f"calibrated rows (--calibrated, METHOD+cal) are for the encoder tasks ({', '.join(TASKS)}); "
+            f"the {'/'.join(sorted(own_model))} task runs each method at its keep budgets: drop --calibrated there"
+        )
     if "asr" in task_list:
         if len(task_list) > 1:
             raise typer.BadParameter("the asr task runs on its own model (Whisper tiny.en): give --task asr alone")

@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .timing import alternate, memory_and_own
+from .variants import apply_kwargs, base_name
 
 BASELINES = ("random", "pool", "downsample")
 _GREEK = (r"\alpha", r"\beta", r"\gamma", r"\theta", r"\lambda", r"\mu", r"\pi", r"\sigma", r"\omega", r"\phi")
@@ -126,7 +127,7 @@ def run_ocr_bench(
             kw = {"r": max(0, round(n_tokens * (1 - keep) / layers)), "calibration": pv}
         row: dict[str, Any] = {"method": name, "keep": keep}
         try:
-            api.apply(model, name, **kw)
+            api.apply(model, base_name(name), **kw, **apply_kwargs(name))
         except TokenThinError as exc:
             rows.append({**row, "error": str(exc).split(";")[0]})
             continue

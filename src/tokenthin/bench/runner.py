@@ -34,10 +34,10 @@ from ..flops import encoder_flops
 from ..methods.base import all_methods
 from .memory import peak_memory
 from .store import ResultStore, config_key, environment
+from .variants import CAL, apply_kwargs, base_name
 
 BASELINES = ("random", "pool", "downsample")
 TASKS = ("features", "knn", "saliency", "cost")
-CAL = "+cal"  # a method name ending in this runs the method with a schedule calibrated on BenchData.calibration
 
 
 @dataclass
@@ -218,12 +218,13 @@ class Runner:
             return []
         ref = self.reference()
         enc = self.m.encoder
-        base = method.removesuffix(CAL)
+        base = base_name(method)
         extra = (
             {"calibration": self.data.calibration.to(self.device)} if hasattr(all_methods()[base], "calibrate") else {}
         )
         cal = self.calibrated(base, budget) if method.endswith(CAL) else None
         budget_kw: dict[str, Any] = {"schedule": cal} if cal is not None else {"flops": budget, **extra}
+        budget_kw.update(apply_kwargs(method))  # METHOD+official: its parity mode
         torch.manual_seed(self.cfg.seed)
         rows = []
         with api.applied(enc, base, image_size=self.m.image_size, unmerge=True, **budget_kw):

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .timing import alternate
+from .variants import apply_kwargs, base_name
 
 BASELINES = ("random", "pool")
 
@@ -85,7 +86,7 @@ def run_text_bench(
     for name, keep in tqdm([(n, k) for n in names for k in keeps], desc="text", unit="config"):
         row: dict[str, Any] = {"method": name, "keep": keep}
         try:
-            api.apply(model, name, keep=keep, site=f"layer:{layer}")
+            api.apply(model, base_name(name), keep=keep, site=f"layer:{layer}", **apply_kwargs(name))
             rt = api.runtime_of(model)
             try:
                 emb, t_in, t_out = embed_counted(sentences)
