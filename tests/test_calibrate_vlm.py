@@ -226,3 +226,51 @@ def test_readme_vlm_calibration_example_runs(tmp_path, monkeypatch) -> None:
     ns["images"] = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (30, 50), (30, 30, 200))]
     exec(compile(code, "README.md", "exec"), ns)
     assert ns["sched"].site == "llm" and ns["sched"].flops <= 0.5 and (tmp_path / "fastv-0.5.json").exists()
+
+
+# ----------------------------------------------------------------------------- every method, LLaVA-NeXT, batches
+
+
+@pytest.mark.parametrize("method", sorted(m["name"] for m in tokenthin.methods()))
+def test_every_method_calibrates_or_refuses_clearly(model, samples, method) -> None:
+    """Registry-derived: each method either gets a schedule that meets the target and that apply(schedule=) runs
+    as the candidate it measured, or a TokenThinError saying why."""
+    try:
+        s = calibrate(model, method, flops=0.85, samples=samples[:1], progress=False)
+    except TokenThinError as e:
+        assert method in str(e)
+        return
+    assert s.is_vlm and s.flops <= 0.85 and 0 < s.fidelity <= 1 + 1e-6
+    with tokenthin.applied(model, method, site=s.site_name, keep=s.keep, **s.params):
+        want = _last_logits(model, samples[:1])
+    with tokenthin.applied(model, method, schedule=CalibratedSchedule.from_dict(s.to_dict())):
+        assert torch.equal(_last_logits(model, samples[:1]), want)
+
+
+def test_llava_next_row_ends_count_as_text() -> None:
+    from tiny_vlm import llava_next, next_inputs
+
+    m = llava_next()
+    inputs = next_inputs(m)
+    prompts = prompt_tokens(m, [inputs])
+    n_img = (inputs["input_ids"] == m.config.image_token_id).sum(1).tolist()
+    assert all(v < n for (_, v), n in zip(prompts, n_img))  # the row ends are not visual candidates
+    s = calibrate(m, "fastv", flops=0.8, samples=[inputs], progress=False)
+    with tokenthin.applied(m, "fastv", schedule=s):
+        with torch.no_grad():
+            m(**inputs, use_cache=False)
+        kept = tokenthin.runtime_of(m).last.kept
+    vs = VLMSchedule(None, s.llm)
+    assert kept == [layer_tokens(t, v, vs, 4)[-1] - t for t, v in prompts]
+
+
+def test_fidelity_is_the_same_for_one_batch_or_single_prompts(model, samples) -> None:
+    ids, mask, pv = samples[0]["input_ids"], samples[0]["attention_mask"], samples[0]["pixel_values"]
+    singles = [
+        {"input_ids": ids[i : i + 1, mask[i].bool()], "pixel_values": pv[i : i + 1]} for i in range(ids.shape[0])
+    ]
+    c = Candidate("llm:1", 0.5)
+    one = Fidelity(model, "fastv", samples[:1], "logits", 0, tqdm(disable=True))(c)
+    each = Fidelity(model, "fastv", singles, "logits", 0, tqdm(disable=True))(c)
+    assert one == pytest.approx(each, abs=1e-5)
+    assert prompt_tokens(model, samples[:1]) == prompt_tokens(model, singles)

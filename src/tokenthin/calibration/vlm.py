@@ -204,15 +204,20 @@ def _solve(
 
 def check_method(cls: Any) -> None:
     """Refuse what cannot be calibrated on a vision-language model, saying why."""
-    if cls.kind not in ("prune", "merge") or cls.resizes_input:
+    if cls.resizes_input:
+        raise TokenThinError(
+            f"method '{cls.name}' chooses a vision encoder's input size under flops=, which a vision-language model's "
+            "calibration does not search; calibrate a pruning or merging method (e.g. fastv, divprune, aim)"
+        )
+    if cls.kind not in ("prune", "merge"):
         raise TokenThinError(
             f"method '{cls.name}' ({cls.kind}) does not reduce the visual tokens a language model reads; calibrate a "
             "pruning or merging method (e.g. fastv, divprune, aim)"
         )
     if not ({"output", "layer", "llm", "output+llm"} & set(cls.sites)):
         raise SiteError(
-            f"method '{cls.name}' works only inside a vision encoder (sites {', '.join(cls.sites)}); on a "
-            "vision-language model calibration searches sites output, llm:k and output+llm"
+            f"method '{cls.name}' has no site a vision-language model offers (its sites: {', '.join(cls.sites)}); "
+            "calibration there searches output, llm:k and output+llm"
         )
 
 
@@ -274,7 +279,11 @@ def calibrate_vlm(
                 keep, s = solved
                 name = site or ("output+llm" if "output+llm" in cls.sites else s.site)
                 c = Candidate(name, keep, tuple(sorted({**params, **extra}.items())))
-                found.append((c, s, fid(c), site is None))
+                try:
+                    v = fid(c)
+                except SiteError:  # the method cannot run there on this host (e.g. a grid method inside the LLM)
+                    continue
+                found.append((c, s, v, site is None))
             if not found:
                 raise BudgetError(
                     f"flops={t} of the language model's prefill is unreachable for '{cls.name}' on these prompts "
