@@ -5,11 +5,13 @@ the most faithful next-token prediction on calibration prompts.
 
 What is searched:
 
-* single-site methods (``fastv`` at ``llm:k``; methods that also work inside the language model, such as
-  ``divprune``, ``kcenter``, ``random``, at ``output`` and every ``llm:k``): every site the method takes on this
-  host, each with the largest keep fraction that meets the target there (solved on the calibration prompts' text /
-  visual token counts, at least one visual token kept per prompt). This is G-Search's question (arXiv 2412.00556:
-  where, inside the MLLM, and how many tokens) restricted to one reduction point, as FastV has one.
+* single-site methods (``fastv`` at ``llm:k``; methods that read only the tokens and so also run inside the
+  language model, such as ``divprune``, ``kcenter``, ``coverage``, ``random``, at ``output`` and every ``llm:k``):
+  every site the method takes on this host (one where it refuses to run, such as ``pool`` inside the language model,
+  is skipped), each with the largest keep fraction that meets the target there (solved on the calibration
+  prompts' text / visual token counts, at least one visual token kept per prompt). This is G-Search's question
+  (arXiv 2412.00556: where, inside the MLLM, and how many tokens) restricted to one reduction point, as FastV has
+  one.
 * methods that only work before the language model (``visionzip``, ``fastervlm``, ...): nothing to search; the one
   candidate is ``output`` with the keep that meets the target (accepted, so that a FLOPs target works on a VLM at
   all; its fidelity is measured and reported).
@@ -23,7 +25,8 @@ What is searched:
 
 Objective (1.0: identical to the unreduced model): ``"logits"`` (the default) the cosine of the language model's
 last-position logits, ``"kl"`` ``exp(-KL(p_full || p_reduced))`` of the next-token distributions, ``"hidden"`` the
-cosine of the final hidden state at the last position; a mean over the calibration prompts.
+cosine of the final hidden state at the last position (it asks the model for every layer's hidden states: more
+memory than the other two, which run the head on the last position only); a mean over the calibration prompts.
 
 Not searched: sites inside the vision tower (``layers`` / ``layer:k`` on LLaVA), several reduction points of a
 single-site method, and per-prompt budgets. Quality on real weights is not measured here (no VLM weights exist on
@@ -32,6 +35,7 @@ this project's machines): the search is tested on tiny random models only.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -108,6 +112,9 @@ class Fidelity:
         self.objective = "logits" if objective == "auto" else objective
         self.cache: dict[Candidate, float] = {}
         self.forwards = 0
+        # the head on the last position only (what the objective reads), where the model's forward takes it
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.extra = {"logits_to_keep": 1} if takes and self.objective != "hidden" else {}
         self.ref = self._run()
 
     @torch.no_grad()
@@ -115,7 +122,7 @@ class Fidelity:
         rows = []
         hidden = self.objective == "hidden"
         for b in self.batches:
-            out = self.model(**b, use_cache=False, output_hidden_states=hidden)
+            out = self.model(**b, use_cache=False, output_hidden_states=hidden, **self.extra)
             if not hidden and getattr(out, "logits", None) is None:
                 raise TokenThinError(
                     f"{type(self.model).__name__} returns no logits (a multimodal model without its language-model "
