@@ -110,8 +110,16 @@ def test_json_round_trip_is_exact(tome_sched: CalibratedSchedule, prune_sched: C
         p = s.save(tmp_path / f"{s.method}.json")
         back = CalibratedSchedule.load(p)
         assert back == s
-        assert json.loads(p.read_text())["version"] == 1
+        assert json.loads(p.read_text())["version"] == 2
         assert back.for_grid(back.grid) == s.for_grid(s.grid)
+
+
+def test_version_1_files_still_load(tome_sched: CalibratedSchedule) -> None:
+    d = tome_sched.to_dict()
+    for k in ("llm", "samples", "text_tokens", "visual_tokens"):  # fields version 2 added
+        del d[k]
+    back = CalibratedSchedule.from_dict({**d, "version": 1})
+    assert back == tome_sched
 
 
 def test_json_refuses_other_formats_and_versions(tome_sched: CalibratedSchedule, tmp_path) -> None:

@@ -60,7 +60,8 @@ def apply(
     denoisers, as tomesd). ``schedule``: a :class:`tokenthin.calibration.CalibratedSchedule` (or the path of one
     saved as JSON) found by :func:`tokenthin.calibrate`, instead of ``r`` / ``keep`` / ``flops`` / ``site``; re-solved
     for each input shape (per-layer token fractions of the input's patches); its method parameters are used, and
-    its calibrated input size is the default ``image_size``.
+    its calibrated input size is the default ``image_size``; a vision-language model's schedule gives the site, the
+    keep fraction and the parameters the search chose.
     Diffusion denoisers (a UNet, or a whole pipeline: its ``unet`` / ``transformer`` is reduced and the pipeline
     returned) take ``ratio=`` (tomesd's parameter) or ``keep=`` (``1 - ratio``) at site ``"block"``.
     Other keyword arguments are the method's parameters.
@@ -80,8 +81,13 @@ def apply(
     plan = None
     if schedule is not None:
         sched = _calibrated(schedule, cls.name, adapter.kind, r=r, keep=keep, flops=flops, site=site, params=params)
-        params, site, plan = dict(sched.params), sched.site_name, sched.planner
-        image_size = sched.image_size if image_size is None else image_size  # explain() shows the calibrated plan
+        if adapter.kind == "vlm":
+            from .calibration.vlm import vlm_apply_args
+
+            site, keep, params = vlm_apply_args(sched, adapter)  # type: ignore[arg-type]
+        else:
+            params, site, plan = dict(sched.params), sched.site_name, sched.planner
+            image_size = sched.image_size if image_size is None else image_size  # explain() shows the calibrated plan
     m = cls(**params)
     req = _budget.Request(
         r=r, keep=keep, flops=flops, site=site, unmerge=unmerge, prop_attn=prop_attn, image_size=image_size, plan=plan
@@ -129,8 +135,15 @@ def _calibrated(schedule: Any, method: str, kind: str, *, params: dict, **budget
             f"this schedule was calibrated for method '{schedule.method}', not '{method}': apply '{schedule.method}' "
             f"with it, or calibrate '{method}' (tokenthin.calibrate(model, '{method}', flops=..., images=...))"
         )
-    if kind != "encoder":
-        raise TokenThinError(f"calibrated schedules are for vision encoders; this model runs a {kind} runtime")
+    if kind not in ("encoder", "vlm"):
+        raise TokenThinError(
+            f"calibrated schedules are for vision encoders and vision-language models; this model runs a {kind} runtime"
+        )
+    if kind == "encoder" and schedule.is_vlm:
+        raise TokenThinError(
+            f"this schedule was calibrated on a vision-language model (site {schedule.site_name}); on this vision "
+            "encoder calibrate again: tokenthin.calibrate(model, method, flops=..., images=pixel_values)"
+        )
     clash = {k: v for k, v in params.items() if schedule.params.get(k, v) != v or k not in schedule.params}
     if clash:
         raise TokenThinError(

@@ -203,6 +203,7 @@ def calibrate_cmd(
     images); reuse it with tokenthin.apply(model, method, schedule="sched.json")."""
     from pathlib import Path
 
+    from .adapters.registry import find_adapter
     from .bench.main import load_data, load_model
     from .calibration import calibrate
 
@@ -211,6 +212,12 @@ def calibrate_cmd(
     except ValueError as e:
         raise typer.BadParameter(f"flops must be comma-separated fractions, got '{flops}'") from e
     bm = load_model(model, image_size)
+    if find_adapter(bm.encoder).kind == "vlm":
+        raise typer.BadParameter(
+            f"'{model}' is a vision-language model: the command line calibrates vision encoders on the bench's "
+            "images; calibrate a VLM in Python on your prompts, tokenthin.calibrate(model, method, flops=..., "
+            "samples=[processor(images=..., text=..., return_tensors='pt'), ...]) (README 'Evaluate your VLM')"
+        )
     data = load_data(eval_images, images_dir, 0, 0, image_size, False)
     x = data.calibration[:images]
     found = calibrate(bm.encoder, method, flops=targets, images=x, search=search, objective=objective, steps=steps)

@@ -53,3 +53,36 @@ def encoder_flops(tokens_per_layer: Sequence[int], n_patches: int, d: EncoderDim
         raise ValueError(f"need {d.num_layers} token counts, got {len(tokens_per_layer)}")
     last = tokens_per_layer[-1] if n_out is None else n_out
     return embed_flops(n_patches, d) + sum(layer_flops(n, d) for n in tokens_per_layer) + head_flops(last, d)
+
+
+@dataclass(frozen=True)
+class LMDims:
+    """A decoder-only language model's shape, for its prefill FLOPs (a vision-language model's language side)."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mlp_hidden: int
+    num_layers: int
+    mlp_mats: int = 3  # SwiGLU (gate, up, down), as LLaMA / Mistral / Qwen2
+
+
+def lm_layer_flops(n: int, d: LMDims) -> int:
+    """One decoder layer on ``n`` tokens at prefill: q / o projections, grouped k / v projections, Q K^T and A V
+    (over the whole n x n map, causal or not, as ``torch.utils.flop_counter`` counts eager attention's matmuls),
+    the MLP."""
+    q = d.heads * d.head_dim
+    kv = d.kv_heads * d.head_dim
+    proj = 2 * n * d.hidden * q * 2 + 2 * n * d.hidden * kv * 2
+    attn = 2 * 2 * n * n * q
+    mlp = 2 * n * d.hidden * d.mlp_hidden * d.mlp_mats
+    return proj + attn + mlp
+
+
+def lm_prefill_flops(tokens_per_layer: Sequence[int], d: LMDims) -> int:
+    """The decoder layers' FLOPs for one prompt with ``tokens_per_layer[j]`` tokens entering layer ``j`` (the
+    embedding lookup, final norm and head are the same whatever is reduced and not counted)."""
+    if len(tokens_per_layer) != d.num_layers:
+        raise ValueError(f"need {d.num_layers} token counts, got {len(tokens_per_layer)}")
+    return sum(lm_layer_flops(n, d) for n in tokens_per_layer)

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import InputMismatchError, TokenThinError, UnsupportedModelError
+from ..flops import LMDims
 from .contract import Adapter, Handle, hidden_of
 from .hf_vision import HFVisionAdapter
 from .hf_vlm_tokens import ImageLayout, TokenMap, assign_images, grid_place
@@ -299,6 +300,18 @@ class VLMAdapter(Adapter):
         if floaty:
             return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
         return m
+
+    def lm_dims(self) -> LMDims:
+        """The language model's shape, for its analytic prefill FLOPs (:mod:`tokenthin.vlm.cost`)."""
+        t = self.lm_config
+        return LMDims(
+            hidden=int(t.hidden_size),
+            heads=self.lm_heads,
+            kv_heads=self.lm_kv_heads,
+            head_dim=self.lm_head_dim,
+            mlp_hidden=int(t.intermediate_size),
+            num_layers=len(self.lm_layers),
+        )
 
     @property
     def lm_device(self) -> torch.device:

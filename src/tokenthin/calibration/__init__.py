@@ -30,11 +30,23 @@ Paper ideas reproduced, and every deviation:
 * Both searches also evaluate the method's default solve of ``flops=`` (e.g. ToMe's constant ``r``) and return it
   where it is more faithful: the result is never less faithful than the default on the calibration images.
 
-Not covered yet: language-model-side schedules of vision-language models (``llm:k``), the block site of diffusion
-denoisers, dynamic methods (``dtome`` calibrates its own thresholds).
+* Vision-language models (:mod:`tokenthin.calibration.vlm`, ``samples=`` processor outputs instead of
+  ``images=``): under a fraction of the language model's prefill FLOPs (FastV's count, :mod:`tokenthin.vlm.cost`),
+  the site (``output`` or ``llm:k``, every one the method takes) and the keep it allows (FastV, and pruning methods
+  that also work inside the language model), or a two-stage method's in-LLM schedule (AIM's ``start`` / ``step``,
+  ToDRE's ``llm_layer`` / ``llm_keep``, on a grid, the output keep solved for the target); methods that only work
+  before the language model get the keep that meets the target (nothing else to search). Objective: cosine of the
+  last-position logits (or ``exp(-KL)`` of the next-token distributions, or the final hidden state's cosine).
+  G-Search's own question, a keep rate for every language-model layer, is not searched: one reduction point, or the
+  method's own schedule.
+
+Not covered yet: sites inside a VLM's vision tower (``layers`` / ``layer:k`` on LLaVA), the block site of diffusion
+denoisers, dynamic methods (``dtome`` calibrates its own thresholds); quality of the VLM searches on real weights is
+not measured (no VLM weights on this project's machines).
 """
 
 from .run import OBJECTIVES, SEARCHES, calibrate
 from .schedule import CalibratedSchedule
+from .vlm import VLM_OBJECTIVES
 
-__all__ = ["OBJECTIVES", "SEARCHES", "CalibratedSchedule", "calibrate"]
+__all__ = ["OBJECTIVES", "SEARCHES", "VLM_OBJECTIVES", "CalibratedSchedule", "calibrate"]

@@ -117,7 +117,8 @@ def calibrate(
     method: str,
     *,
     flops: float | Sequence[float],
-    images: torch.Tensor,
+    images: torch.Tensor | None = None,
+    samples: Any = None,
     search: str = "greedy",
     objective: str = "auto",
     steps: int = 16,
@@ -139,11 +140,16 @@ def calibrate(
     or ``"cls+patch"`` (see the module docstring). Returns a :class:`CalibratedSchedule` for ``apply(model, method,
     schedule=...)``; a list of them, one per target, where ``flops`` is a list (one greedy pass serves every target;
     the cost each reports is the whole call's).
+
+    Vision-language models (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL; :mod:`tokenthin.calibration.vlm`): give
+    ``samples=`` instead of ``images=``, a processor output or a list of them (``processor(images=..., text=...,
+    return_tensors="pt")``, each fed as ``model(**sample)``); ``flops`` is a fraction of the language model's prefill
+    FLOPs on those prompts; the site and keep (or a two-stage method's in-LLM schedule) are searched; ``objective``
+    ``"auto"`` (= ``"logits"``), ``"logits"``, ``"kl"`` or ``"hidden"``; ``search`` / ``steps`` / ``batch_size`` /
+    ``tol`` do not apply.
     """
     if api.is_applied(model):
         raise TokenThinError("tokenthin is applied to this model; tokenthin.remove(model) before calibrating")
-    if objective not in OBJECTIVES:
-        raise TokenThinError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     if search not in SEARCHES:
         raise TokenThinError(f"search must be one of {', '.join(SEARCHES)}; got {search!r}")
     targets = [flops] if not isinstance(flops, (list, tuple)) else list(flops)
@@ -152,17 +158,40 @@ def calibrate(
             raise BudgetError(f"flops={f!r} must be a fraction in (0, 1] (or a list of such fractions)")
     if not targets:
         raise BudgetError("flops=[] gives no target; give a fraction in (0, 1]")
+    cls = get(method)
+    cls(**params)  # checks the parameters now
+    adapter = find_adapter(model)
+    if adapter.kind == "vlm":
+        from .vlm import calibrate_vlm
+
+        found = calibrate_vlm(
+            model,
+            adapter,
+            cls,
+            params,
+            targets,
+            samples,
+            images=images,
+            search=search,
+            objective=objective,
+            seed=seed,
+            progress=progress,
+        )
+        return found if isinstance(flops, (list, tuple)) else found[0]
+    if samples is not None:
+        raise InputMismatchError(
+            "samples= (processor outputs) calibrates vision-language models; this model takes images= (pixel values)"
+        )
+    if objective not in OBJECTIVES:
+        raise TokenThinError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
         raise InputMismatchError("images must be a float (B, C, H, W) batch of calibration pixel values")
     if images.shape[0] < 1:
         raise InputMismatchError("give at least one calibration image (16-64 typical ones are a good choice)")
-    cls = get(method)
-    cls(**params)  # checks the parameters now
-    adapter = find_adapter(model)
     if adapter.kind != "encoder":
         raise UnsupportedModelError(
-            f"tokenthin.calibrate searches vision-encoder schedules; {type(model).__name__} runs a {adapter.kind} "
-            "runtime, which calibration does not support yet"
+            f"tokenthin.calibrate searches vision-encoder and vision-language schedules; {type(model).__name__} runs "
+            f"a {adapter.kind} runtime, which calibration does not support yet"
         )
     if hasattr(cls, "calibrate"):
         raise TokenThinError(

@@ -8,6 +8,10 @@ How a schedule carries over to other input sizes (budgets are per input):
   patches (``n'_i = round(n_i / N * N')``, clamped so that a layer merges at most half of its tokens), then turned
   back into integer ``r``. At the calibrated size this gives back exactly the stored ``r``.
 * single-site pruning (site ``layer:k``): the site ``k`` is kept and ``keep`` is a fraction of the input's patches.
+* vision-language models (sites ``output``, ``llm`` (``llm:k``), ``output+llm``): ``keep`` is a fraction of each
+  prompt's visual tokens (before the language model) or of those that entered it (``llm:k``), so it carries over to
+  any prompt; ``params`` hold the method parameters the search chose (AIM's ``start`` / ``step``, ToDRE's
+  ``llm_layer`` / ``llm_keep``) and ``llm`` the in-LLM points they give on this language model.
 
 The FLOPs fraction a schedule reaches at another size differs slightly from the calibrated one (attention's share
 grows with the token count); calibrate again at the size you serve for the best fidelity per FLOP.
@@ -25,7 +29,9 @@ from ..errors import BudgetError
 from ..flops import EncoderDims
 
 FORMAT = "tokenthin.calibrated_schedule"
-VERSION = 1
+VERSION = 2  # 2: vision-language sites (output, llm, output+llm); version 1 files still load
+READS = (1, 2)
+VLM_SITES = ("output", "llm", "output+llm")
 
 
 @dataclass(frozen=True)
@@ -38,18 +44,25 @@ class CalibratedSchedule:
     that size). ``fidelity``: the ``objective`` on the calibration images (1.0: identical to the unreduced model);
     ``baseline_fidelity`` / ``baseline``: the same for the method's default solve of ``flops=flops_target`` (None
     where that solve fails). ``seconds`` / ``images`` / ``forwards``: the search's cost.
+
+    Vision-language models (:mod:`tokenthin.calibration.vlm`): ``site`` ``"output"``, ``"llm"`` (after language-model
+    layer ``layer``) or ``"output+llm"``; ``keep`` the fraction of visual tokens (of the prompt's, or of those that
+    entered the language model at ``llm``); ``llm`` the resolved in-LLM (layer, keep) points; ``num_layers`` /
+    ``hidden`` the language model's; ``flops`` a fraction of the language model's prefill FLOPs on the calibration
+    prompts; ``grid`` / ``protected`` unused (0); ``samples`` the calibration batches, ``images`` their prompts;
+    ``text_tokens`` / ``visual_tokens`` the mean tokens per calibration prompt.
     """
 
     method: str
     site: str
     num_layers: int
-    grid: tuple[int, int]
-    protected: int
     flops_target: float
     flops: float
     objective: str
     fidelity: float
     search: str
+    grid: tuple[int, int] = (0, 0)
+    protected: int = 0
     r: tuple[int, ...] | None = None
     layer: int | None = None
     keep: float | None = None
@@ -62,6 +75,10 @@ class CalibratedSchedule:
     seconds: float = 0.0
     images: int = 0
     forwards: int = 0
+    llm: tuple[tuple[int, float], ...] = ()
+    samples: int = 0
+    text_tokens: float = 0.0
+    visual_tokens: float = 0.0
     version: int = VERSION
 
     def __post_init__(self) -> None:
@@ -73,8 +90,25 @@ class CalibratedSchedule:
                 raise BudgetError(
                     f"a 'layer' schedule needs a layer and a keep fraction, got {self.layer}, {self.keep}"
                 )
+        elif self.site in VLM_SITES:
+            if self.keep is None or not 0 < self.keep <= 1 or (self.site == "llm") != (self.layer is not None):
+                raise BudgetError(
+                    f"a vision-language '{self.site}' schedule needs a keep fraction in (0, 1]"
+                    + (" and a language-model layer" if self.site == "llm" else "")
+                    + f", got layer={self.layer}, keep={self.keep}"
+                )
         else:
-            raise BudgetError(f"a calibrated schedule's site is 'layers' or 'layer', not {self.site!r}")
+            raise BudgetError(
+                f"a calibrated schedule's site is 'layers', 'layer' (encoders), or {', '.join(VLM_SITES)} "
+                f"(vision-language models), not {self.site!r}"
+            )
+        if self.site in ("layers", "layer") and min(self.grid) < 1:
+            raise BudgetError(f"an encoder schedule needs the calibrated patch grid, got {self.grid}")
+
+    @property
+    def is_vlm(self) -> bool:
+        """A vision-language model's schedule (language-model side), not a vision encoder's."""
+        return self.site in VLM_SITES
 
     # ----- what it plans -----
     @property
@@ -84,7 +118,9 @@ class CalibratedSchedule:
     @property
     def site_name(self) -> str:
         """The site as ``apply(site=...)`` spells it."""
-        return "layers" if self.site == "layers" else f"layer:{self.layer}"
+        if self.site in ("layer", "llm"):
+            return f"{self.site}:{self.layer}"
+        return self.site
 
     def tokens(self) -> list[int]:
         """Patch tokens entering each layer at the calibrated size (site ``layers``)."""
@@ -126,12 +162,23 @@ class CalibratedSchedule:
         return flops_fraction(self.for_grid(grid), dims, grid)
 
     def describe(self) -> str:
-        plan = f"r={list(self.r or ())}" if self.site == "layers" else f"site=layer:{self.layer} keep={self.keep:.4f}"
+        plan = f"r={list(self.r or ())}" if self.site == "layers" else f"site={self.site_name} keep={self.keep:.4f}"
+        if self.is_vlm:
+            plan += (f" {self.params}" if self.params else "") + (
+                f" llm points {list(self.llm)}" if self.site == "output+llm" else ""
+            )
+            where = (
+                f"a {self.num_layers}-layer language model ({self.visual_tokens:.0f} visual + {self.text_tokens:.0f} "
+                "text tokens per prompt)"
+            )
+            cost = f"{self.samples} batches, {self.images} prompts"
+        else:
+            where, cost = f"{self.grid[0]}x{self.grid[1]} patches", f"{self.images} images"
         return (
-            f"{self.method} calibrated ({self.search}, {self.objective}) for {self.grid[0]}x{self.grid[1]} patches: "
+            f"{self.method} calibrated ({self.search}, {self.objective}) for {where}: "
             f"{plan}; flops {self.flops:.3f} (target {self.flops_target}), fidelity {self.fidelity:.4f}"
             + (f" vs default {self.baseline_fidelity:.4f}" if self.baseline_fidelity is not None else "")
-            + f"; {self.seconds:.1f} s on {self.images} images ({self.forwards} forwards)"
+            + f"; {self.seconds:.1f} s on {cost} ({self.forwards} forwards)"
         )
 
     # ----- JSON -----
@@ -140,16 +187,17 @@ class CalibratedSchedule:
         for k in ("grid", "image_size", "r"):
             if d[k] is not None:
                 d[k] = list(d[k])
+        d["llm"] = [list(p) for p in self.llm]
         return {"format": FORMAT, **d}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CalibratedSchedule:
         if d.get("format") != FORMAT:
             raise BudgetError(f"not a tokenthin calibrated schedule (format {d.get('format')!r}, expected {FORMAT!r})")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READS:
             raise BudgetError(
-                f"calibrated schedule version {d.get('version')!r}; this tokenthin reads version {VERSION}: "
-                "calibrate again with this version"
+                f"calibrated schedule version {d.get('version')!r}; this tokenthin reads versions "
+                f"{', '.join(map(str, READS))}: calibrate again with this version"
             )
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names - {"format"}
@@ -159,6 +207,8 @@ class CalibratedSchedule:
         for k in ("grid", "image_size", "r"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])
+        kw["llm"] = tuple((int(k), v) for k, v in kw.get("llm", ()))
+        kw["version"] = VERSION  # an older file is read as this version (the fields it lacks take their defaults)
         return cls(**kw)
 
     def save(self, path: str | Path) -> Path:

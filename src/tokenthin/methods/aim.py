@@ -180,6 +180,7 @@ class AIM(Method):
         ),
     }
 
+    llm_search = {"start": "layers", "step": (0.125, 0.25, 0.5)}  # tokenthin.calibrate on a VLM
     OFFICIAL_START = {32: 13, 28: 14}  # LLaMA (LLaVA-1.5), Qwen2 (LLaVA-OneVision)
 
     def _start(self, num_layers: int) -> int:

@@ -232,6 +232,9 @@ class Method:
     # True: under ``flops=`` the method also picks a smaller input image (``Schedule.input_keep``, sized by
     # :meth:`input_size`, split by its ``input_share`` parameter); only hosts with site ``input`` can take it
     resizes_input: ClassVar[bool] = False
+    # two-stage vision-language methods (site ``output+llm``): the in-LLM parameters ``tokenthin.calibrate`` may
+    # search on a VLM, each a tuple of values or "layers" (every language-model layer 0..L-2)
+    llm_search: ClassVar[dict[str, tuple[Any, ...] | str]] = {}
 
     def __init__(self, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(self.params))

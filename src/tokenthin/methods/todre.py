@@ -53,6 +53,8 @@ class ToDRE(Method):
         "llm_keep": Param(0.0, "fraction of the entering visual tokens kept after that layer (paper: 0)", _frac),
     }
 
+    llm_search = {"llm_layer": "layers", "llm_keep": (0.0, 0.25, 0.5)}  # tokenthin.calibrate on a VLM
+
     def llm_points(self, num_layers: int) -> list[tuple[int, float | int]]:
         k = self.p["llm_layer"] if self.p["llm_layer"] is not None else num_layers // 2
         if not 0 <= k < num_layers - 1:

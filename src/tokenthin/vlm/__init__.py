@@ -17,7 +17,8 @@ One module per job, each function taking the call's state explicitly:
 * :mod:`.decode`: decoding steps: the caller's mask and positions, which number the original prompt, translated to
   the shorter one;
 * :mod:`.inllm`: reductions after language-model layer k; :mod:`.signals`: what methods score with;
-* :mod:`.tower`: sites inside the vision tower; :mod:`.runtime`: :class:`VLMRuntime`, the hook wiring.
+* :mod:`.tower`: sites inside the vision tower; :mod:`.runtime`: :class:`VLMRuntime`, the hook wiring;
+* :mod:`.cost`: the language model's analytic prefill FLOPs under a schedule (for ``tokenthin.calibrate``).
 
 Positions (choices): at ``output`` a 1-D rotary host numbers the shorter prompt 0..T'-1 (the language model sees
 it as a prompt with fewer image tokens, which is what every pre-LLM method's reference code feeds it). Inside the

@@ -31,7 +31,9 @@ def build(model: nn.Module, adapter: VLMAdapter, cls: type[Method], m: Method, r
         raise BudgetError(
             "on a vision-language model give keep= (a fraction of each prompt's visual tokens, or a count) at "
             "'output' / 'llm:k', or r= (merging methods) inside the vision tower (site='layers'); flops= budgets "
-            "a vision encoder alone"
+            "a vision encoder alone. For a target fraction of the language model's prefill FLOPs, search the site "
+            "and keep on your prompts: sched = tokenthin.calibrate(model, method, flops=0.5, samples=[processor "
+            "outputs]), then apply(model, method, schedule=sched)"
         )
     if kw["keep"] is None:
         raise BudgetError("give a budget: keep= (a fraction in (0, 1] of each prompt's visual tokens, or a count)")
