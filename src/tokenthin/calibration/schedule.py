@@ -8,6 +8,10 @@ How a schedule carries over to other input sizes (budgets are per input):
   patches (``n'_i = round(n_i / N * N')``, clamped so that a layer merges at most half of its tokens), then turned
   back into integer ``r``. At the calibrated size this gives back exactly the stored ``r``.
 * single-site pruning (site ``layer:k``): the site ``k`` is kept and ``keep`` is a fraction of the input's patches.
+* resize and merge (``resize-tome``, joint calibration): ``input_keep`` is the share of the input's patches the image
+  is resized to (the downsampling baseline's rule: each side scaled by its square root, aspect ratio kept), so another
+  input is resized to the same share; ``r`` is for the resized image's ``resized_patches`` patches and re-solved as
+  above for the resized patch count of the other input.
 
 The FLOPs fraction a schedule reaches at another size differs slightly from the calibrated one (attention's share
 grows with the token count); calibrate again at the size you serve for the best fidelity per FLOP.
@@ -16,6 +20,7 @@ grows with the token count); calibrate again at the size you serve for the best 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,9 +28,11 @@ from typing import Any
 from ..budget import Schedule, flops_fraction
 from ..errors import BudgetError
 from ..flops import EncoderDims
+from ..methods.downsample import scaled_size
 
 FORMAT = "tokenthin.calibrated_schedule"
-VERSION = 1
+VERSION = 2  # 2: input_keep / resized_patches (resize-tome); version 1 files (no resize) still load
+READS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,9 @@ class CalibratedSchedule:
     was calibrated for. ``flops_target`` / ``flops``: asked and reached (analytic fraction of the unreduced encoder at
     that size). ``fidelity``: the ``objective`` on the calibration images (1.0: identical to the unreduced model);
     ``baseline_fidelity`` / ``baseline``: the same for the method's default solve of ``flops=flops_target`` (None
-    where that solve fails). ``seconds`` / ``images`` / ``forwards``: the search's cost.
+    where that solve fails). ``seconds`` / ``images`` / ``forwards``: the search's cost. ``input_keep`` (site
+    ``layers`` only): the image is first resized to about this share of its patches, ``resized_patches`` of them at
+    the calibrated size (None: the image as given).
     """
 
     method: str
@@ -62,9 +71,18 @@ class CalibratedSchedule:
     seconds: float = 0.0
     images: int = 0
     forwards: int = 0
+    input_keep: float | None = None
+    resized_patches: int | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:
+        if (self.input_keep is None) != (self.resized_patches is None) or (
+            self.input_keep is not None and (self.site != "layers" or not 0 < self.input_keep <= 1)
+        ):
+            raise BudgetError(
+                "a resized schedule needs site 'layers', input_keep in (0, 1] and resized_patches together; got "
+                f"site {self.site!r}, input_keep {self.input_keep!r}, resized_patches {self.resized_patches!r}"
+            )
         if self.site == "layers":
             if self.r is None or len(self.r) != self.num_layers - 1:
                 raise BudgetError(f"a 'layers' schedule needs {self.num_layers - 1} values of r, got {self.r!r}")
@@ -86,32 +104,50 @@ class CalibratedSchedule:
         """The site as ``apply(site=...)`` spells it."""
         return "layers" if self.site == "layers" else f"layer:{self.layer}"
 
+    @property
+    def input_patches(self) -> int:
+        """Patches entering the first layer at the calibrated size (after the resize, if any)."""
+        return self.patches if self.resized_patches is None else self.resized_patches
+
     def tokens(self) -> list[int]:
         """Patch tokens entering each layer at the calibrated size (site ``layers``)."""
-        n, out = self.patches, []
+        n, out = self.input_patches, []
         for i in range(self.num_layers):
             out.append(n)
             if self.r is not None and i < self.num_layers - 1:
                 n -= self.r[i]
         return out
 
-    def for_grid(self, grid: tuple[int, int]) -> Schedule:
-        """The plain :class:`~tokenthin.budget.Schedule` for an input with this patch grid."""
+    def resized(self, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None) -> int:
+        """Patches entering the first layer for an input with this grid: ``input_patches(input_keep)`` (the
+        method's resize, as the runtime computes it), by default the downsampling baseline's rule on the grid."""
+        if self.input_keep is None:
+            return grid[0] * grid[1]
+        if input_patches is not None:
+            return input_patches(self.input_keep)
+        gh, gw = scaled_size(grid[0], grid[1], 1, self.input_keep)
+        return gh * gw
+
+    def for_grid(self, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None) -> Schedule:
+        """The plain :class:`~tokenthin.budget.Schedule` for an input with this patch grid (``input_patches``: the
+        resized patch count for a share, where the schedule resizes; see :meth:`resized`)."""
         L = self.num_layers
         if self.site == "layer":
             assert self.keep is not None
             return Schedule("layer", L, layer=self.layer, keep=self.keep)
-        n_new = grid[0] * grid[1]
-        frac = [n / self.patches for n in self.tokens()]
+        n_new = self.resized(grid, input_patches)
+        frac = [n / self.input_patches for n in self.tokens()]
         n, rs = n_new, []
         for i in range(L - 1):
             want = round(frac[i + 1] * n_new)
             nxt = max(n - n // 2, min(n, want))  # one layer merges at most half of its tokens
             rs.append(n - nxt)
             n = nxt
-        return Schedule("layers", L, r=tuple(rs))
+        return Schedule("layers", L, r=tuple(rs), input_keep=self.input_keep)
 
-    def planner(self, dims: EncoderDims, grid: tuple[int, int]) -> Schedule:
+    def planner(
+        self, dims: EncoderDims, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None
+    ) -> Schedule:
         """What the runtime calls for each input shape: checks the model, then :meth:`for_grid`."""
         if dims.num_layers != self.num_layers or (self.hidden and dims.hidden != self.hidden):
             raise BudgetError(
@@ -119,14 +155,20 @@ class CalibratedSchedule:
                 f"({self.host or 'unknown host'}); this model has {dims.num_layers} of width {dims.hidden}: "
                 "calibrate again on this model (tokenthin.calibrate)"
             )
-        return self.for_grid(grid)
+        return self.for_grid(grid, input_patches)
 
-    def flops_at(self, dims: EncoderDims, grid: tuple[int, int]) -> float:
+    def flops_at(
+        self, dims: EncoderDims, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None
+    ) -> float:
         """Analytic FLOPs fraction this schedule reaches on an input with this grid."""
-        return flops_fraction(self.for_grid(grid), dims, grid)
+        s = self.for_grid(grid, input_patches)
+        ip = None if self.input_keep is None else self.resized(grid, input_patches)
+        return flops_fraction(s, dims, grid, ip)
 
     def describe(self) -> str:
         plan = f"r={list(self.r or ())}" if self.site == "layers" else f"site=layer:{self.layer} keep={self.keep:.4f}"
+        if self.input_keep is not None:
+            plan = f"resized to {self.resized_patches} patches (input_keep={self.input_keep}), {plan}"
         return (
             f"{self.method} calibrated ({self.search}, {self.objective}) for {self.grid[0]}x{self.grid[1]} patches: "
             f"{plan}; flops {self.flops:.3f} (target {self.flops_target}), fidelity {self.fidelity:.4f}"
@@ -146,9 +188,9 @@ class CalibratedSchedule:
     def from_dict(cls, d: dict[str, Any]) -> CalibratedSchedule:
         if d.get("format") != FORMAT:
             raise BudgetError(f"not a tokenthin calibrated schedule (format {d.get('format')!r}, expected {FORMAT!r})")
-        if d.get("version") != VERSION:
+        if d.get("version") not in READS:
             raise BudgetError(
-                f"calibrated schedule version {d.get('version')!r}; this tokenthin reads version {VERSION}: "
+                f"calibrated schedule version {d.get('version')!r}; this tokenthin reads versions {READS}: "
                 "calibrate again with this version"
             )
         names = {f.name for f in fields(cls)}
@@ -156,6 +198,7 @@ class CalibratedSchedule:
         if unknown:
             raise BudgetError(f"unknown fields in a calibrated schedule: {sorted(unknown)}")
         kw = {k: v for k, v in d.items() if k in names}
+        kw["version"] = VERSION  # a version 1 file is a version 2 schedule without a resize
         for k in ("grid", "image_size", "r"):
             if kw.get(k) is not None:
                 kw[k] = tuple(kw[k])

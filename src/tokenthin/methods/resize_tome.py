@@ -23,6 +23,9 @@ cosine / saliency r):
   against 0.902 / 0.850 for ``downsample`` and 0.637 / -0.002 for ToMe before the solver fix. ``min_keep`` 0.35
   gives 0.931 / 0.809 at 25% (10x10 patches) but also resizes at 50%, where that loses.
 * Saliency after unmerge stays below ``downsample``'s at 25%: merged tokens unmerge to blocks of irregular shape.
+* ``tokenthin.calibrate(model, "resize-tome", flops=t, images=...)`` replaces step 1's fixed rule by a joint search on
+  calibration images: every candidate size with its merge schedule, and plain downsampling, scored by fidelity
+  (:mod:`tokenthin.calibration`); ``apply(model, "resize-tome", schedule=...)`` reuses the size share and the ``r``.
 * ``r=`` (no FLOPs target) merges at the given resolution, exactly as ``tome``; ``flops=1.0`` resizes nothing and
   merges nothing.
 * Hosts without site ``input`` (text, audio, inside a vision-language model) refuse it: use ``tome`` there.
