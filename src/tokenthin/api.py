@@ -104,6 +104,8 @@ def apply(
                 )
             _check_input(model, calibration)
             m.calibrate(lambda: _run_calibration(model, rt, calibration))
+            if flops is not None and hasattr(m, "fit_flops"):  # thresholds meeting the target (dtome's docstring)
+                m.fit_flops(float(flops), lambda: _realised_flops(model, rt, calibration))
         elif calibration is not None:
             raise TokenThinError(f"method '{cls.name}' does not calibrate; drop calibration=")
     except BaseException:
@@ -169,6 +171,17 @@ def _run_calibration(model: nn.Module, rt: Any, pixel_values: torch.Tensor) -> N
             rt.adapter.root(*args, **kwargs)
     finally:
         rt.calibrating = False
+
+
+def _realised_flops(model: nn.Module, rt: Any, pixel_values: torch.Tensor) -> float:
+    """The mean FLOPs fraction an inference pass over ``pixel_values`` realises (each image at its own counts)."""
+    with torch.no_grad():
+        args, kwargs = rt.adapter.call_args(pixel_values.to(next(model.parameters()).dtype))
+        rt.adapter.root(*args, **kwargs)
+    f = rt.last.flops_fraction if rt.last is not None else None
+    if f is None:
+        raise TokenThinError("this host reports no per-layer token counts, so flops= cannot be fitted; use r=")
+    return f
 
 
 def remove(model: Any) -> Any:

@@ -384,5 +384,6 @@ class Request:
     unmerge: bool = False
     prop_attn: bool | None = None  # None: the runtime's default (encoders: on; denoisers: off)
     image_size: int | tuple[int, int] | None = None
-    # a calibrated schedule's planner (tokenthin.calibrate): (dims, grid) -> Schedule, instead of r / keep / flops
-    plan: Callable[[EncoderDims, tuple[int, int]], Schedule] | None = None
+    # a calibrated schedule's planner (tokenthin.calibrate): (dims, grid, resized patches for a share) -> Schedule,
+    # instead of r / keep / flops
+    plan: Callable[[EncoderDims, tuple[int, int], Callable[[float], int]], Schedule] | None = None

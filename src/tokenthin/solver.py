@@ -145,6 +145,43 @@ def worst_share(rs: Sequence[int], n: int) -> float:
     return max((r / c for r, c in zip(rs, counts_of(rs, n))), default=0.0)
 
 
+def input_sizes(input_patches: Callable[[float], int]) -> dict[int, float]:
+    """The input sizes the downsampling baseline offers (keep fractions 0.005 .. 1 in steps of 0.005): patch count
+    -> the largest fraction giving it."""
+    sizes: dict[int, float] = {}
+    for k in range(1000, 4, -5):
+        sizes.setdefault(input_patches(k / 1000), k / 1000)
+    return sizes
+
+
+def resized_candidates(
+    target: float,
+    rule: str,
+    n: int,
+    steps: int,
+    input_patches: Callable[[float], int],
+    cost: Callable[[float | None, tuple[int, ...]], float],
+) -> list[tuple[float | None, tuple[int, ...], float]]:
+    """What joint calibration of ``resize-tome`` scores (:func:`tokenthin.calibrate`): (input fraction or None for
+    the image as given, schedule, FLOPs fraction) for the full size and every smaller downsampling size that costs at
+    least ``target - BELOW`` unreduced, each with ``rule``'s merge schedule for ``target`` (kept where it lands in
+    [target - BELOW, target + ABOVE]), and the largest smaller size that meets ``target`` without merging."""
+    none = (0,) * steps
+    out: dict[tuple[float | None, tuple[int, ...]], float] = {}
+    plain = False  # the largest smaller size meeting the target unreduced is in
+    sizes = [(n, None)] + [(ip, f) for ip, f in sorted(input_sizes(input_patches).items(), reverse=True) if ip < n]
+    for ip, f in sizes:
+        unreduced = cost(f, none)
+        if f is not None and not plain and unreduced <= target + ABOVE:
+            out[(f, none)], plain = unreduced, True
+        if unreduced < target - BELOW:  # merging cannot spend the budget here, nor at any smaller size
+            break
+        rs, reached = solve(ip, steps, lambda c, f=f: cost(f, c), target, rule)  # type: ignore[misc]
+        if target - BELOW <= reached <= target + ABOVE:
+            out.setdefault((f, rs), reached)
+    return [(f, rs, reached) for (f, rs), reached in out.items()]
+
+
 def solve_resized(
     target: float,
     min_keep: float,
@@ -160,9 +197,7 @@ def solve_resized(
     input's patches after the last merge; where none does, the smallest. ``cost(fraction, schedule)``: the FLOPs
     fraction of the image resized to ``fraction`` and merged by ``schedule``. The share kept only shrinks as the
     input grows, so the size is found by bisection (a few solves)."""
-    sizes: dict[int, float] = {}
-    for k in range(1000, 4, -5):  # the input sizes the downsampling baseline offers, largest first
-        sizes.setdefault(input_patches(k / 1000), k / 1000)
+    sizes = input_sizes(input_patches)
     none = (0,) * steps
     order: list[tuple[int, float | None]] = [(n, None)]
     order += [(ip, f) for ip, f in sorted(sizes.items(), reverse=True) if ip < n and cost(f, none) >= target - BELOW]

@@ -205,8 +205,9 @@ def run_bench(
 
 
 def _calibratable(cls: type) -> bool:
-    """Methods tokenthin.calibrate searches: merging at every layer, or one pruning site (not the baselines)."""
-    if cls.name in BASELINES or hasattr(cls, "calibrate") or cls.needs_prompt or cls.resizes_input:
+    """Methods tokenthin.calibrate searches: merging at every layer (with the input size, for resize-tome), or one
+    pruning site (not the baselines)."""
+    if cls.name in BASELINES or hasattr(cls, "calibrate") or cls.needs_prompt:
         return False
     return (cls.kind == "merge" and "layers" in cls.sites) or (cls.kind == "prune" and "layer" in cls.sites)
 

@@ -88,8 +88,9 @@ def summary_table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     Columns are :data:`COLUMNS`. A metric with no row (a task not run, or a non-numeric value) is ``None``.
     When several rows share model, method, budget and task (several seeds or runs), their metrics are
     averaged. ``flops`` is the cost task's measured ``flops_fraction`` when there is one, otherwise the mean
-    of the rows' ``flops``. Records are sorted by model, then budget (highest first), then method, with the
-    unreduced reference ``"none"`` first within its budget.
+    of the rows' ``flops`` (the k-NN rows' only where no other task ran: they are measured on the k-NN images).
+    Records are sorted by model, then budget (highest first), then method, with the unreduced reference
+    ``"none"`` first within its budget.
     """
     groups: dict[tuple[str, str, float], dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for row in rows:
@@ -111,6 +112,8 @@ def summary_table(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
         }
         cost = by_task.get("cost", [])
         flops = _mean((r.get("metrics") or {}).get("flops_fraction") for r in cost)
+        if flops is None:  # the evaluation images' (k-NN rows record their own images' FLOPs: dtome differs there)
+            flops = _mean(r.get("flops") for r in all_rows if r.get("task") != "knn")
         rec["flops"] = flops if flops is not None else _mean(r.get("flops") for r in all_rows)
         for col, (task, metric) in _SOURCES.items():
             rec[col] = _mean((r.get("metrics") or {}).get(metric) for r in by_task.get(task, []))

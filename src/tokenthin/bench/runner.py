@@ -30,7 +30,6 @@ from tqdm import tqdm
 from .. import api
 from ..adapters.registry import find_adapter
 from ..errors import TokenThinError
-from ..flops import encoder_flops
 from ..methods.base import all_methods
 from .memory import peak_memory
 from .store import ResultStore, config_key, environment
@@ -121,6 +120,14 @@ def _cal_metrics(cal: Any) -> dict[str, Any]:
     }
 
 
+def _fit_metrics(plan: dict[str, Any]) -> dict[str, Any]:
+    """A calibrating method's (dtome's) FLOPs fit on the calibration images: target, realised, threshold offset."""
+    c = plan.get("calibration")
+    if not c or c.get("flops_target") is None:
+        return {}
+    return {"flops_realised_calibration": c["flops_realised_calibration"], "threshold_offset": c["offset"]}
+
+
 def _batches(x: torch.Tensor, bs: int) -> Iterator[torch.Tensor]:
     for i in range(0, x.shape[0], bs):
         yield x[i : i + bs]
@@ -134,14 +141,18 @@ class Runner:
         self.adapter = find_adapter(model.encoder)
         self._ref: dict[str, Any] = {}
         self._cal: dict[tuple[str, float], Any] = {}  # (method, budget) -> CalibratedSchedule
+        self._sample_flops: list[float] = []  # realised FLOPs fraction of each image of the last _encode
 
     # --- forward helpers
     @torch.no_grad()
     def _encode(self, x: torch.Tensor, dense: bool, desc: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
         feats, maps = [], []
         batches = list(_batches(x, self.cfg.batch_size))
+        self._sample_flops = []
         for xb in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not desc):
             out = self.m.encoder(pixel_values=xb.to(self.device))
+            if api.is_applied(self.m.encoder):
+                self._sample_flops.extend(api.info(self.m.encoder).sample_flops or [])
             feats.append(out.pooler_output.float().cpu())
             if dense and self.m.head is not None:
                 p = self.adapter.num_protected
@@ -198,16 +209,11 @@ class Runner:
         }
 
     def _flops_from_info(self) -> float:
-        """Analytic FLOPs fraction of the last forward, averaged over its samples (each at its own counts)."""
-        info = api.info(self.m.encoder)
-        a = self.adapter
-        d = a.dims
-        n0 = info.grid[0] * info.grid[1]
-        full = encoder_flops([n0 + a.num_protected] * d.num_layers, n0, d)
-        per_layer = list(zip(*info.sample_tokens))  # per sample, per layer
-        n_in = info.tokens_per_layer[0] - a.num_protected
-        total = [encoder_flops(list(c), n_in, d, k) for c, k in zip(per_layer, info.kept)]
-        return sum(total) / len(total) / full
+        """Analytic FLOPs fraction realised by the last :meth:`_encode`, averaged over all its images (each at its
+        own counts: dynamic methods differ per image; before 0.1.x only the last batch was averaged)."""
+        f = self._sample_flops
+        assert f, "the encoder host gives its dimensions"
+        return sum(f) / len(f)
 
     # --- one method at one budget
     def measure(self, method: str, budget: float) -> list[dict]:
@@ -245,6 +251,7 @@ class Runner:
                             "cosine_mean": cos.mean().item(),
                             "cosine_min": cos.min().item(),
                             **_cal_metrics(cal),
+                            **_fit_metrics(plan),
                         },
                     )
                 )
@@ -264,6 +271,7 @@ class Runner:
                 )
             if "knn" in todo:
                 te, _ = self._encode(self.data.knn_test[0], False)
+                knn_flops = self._flops_from_info()  # its own images: a dynamic method realises other FLOPs there
                 acc = knn_accuracy(ref["knn_train"], self.data.knn_train[1], te, self.data.knn_test[1], self.cfg.knn_k)
                 full = ref["knn_full"]
                 rows.append(
@@ -272,7 +280,7 @@ class Runner:
                         budget,
                         "knn",
                         schedule,
-                        flops,
+                        knn_flops,
                         {"accuracy": acc, "accuracy_full": full, "retained": acc / max(full, 1e-12)},
                     )
                 )

@@ -27,6 +27,13 @@ Paper ideas reproduced, and every deviation:
   5 x 5 grid plus two rounds of coordinate search instead of Bayesian optimisation.
 * Single-site pruning methods: every site ``layer:k`` is tried with the keep that meets the target there (replacing
   the fixed rule of :mod:`tokenthin.budget`, ``k = round(L * flops / 2) - 1``, which is one of the candidates).
+* Resize and merge (``resize-tome``, ours; no paper searches both): a joint search over the input size and the
+  merge schedule (:mod:`~tokenthin.calibration.joint`): the image as given and every smaller size of the
+  ``downsample`` baseline that costs at least the target unreduced, each with ToMe's ``smooth`` merge schedule for
+  the target at that size, plus the largest smaller size meeting the target with no merging; every candidate is
+  scored on the calibration images and the most faithful kept. The schedule records the input share
+  (``input_keep``, re-solved for other input sizes) and the per-layer ``r`` at the resized size. ``search`` and
+  ``steps`` do not apply (the merge schedule at each size is the solver's, not searched per layer).
 * Both searches also evaluate the method's default solve of ``flops=`` (e.g. ToMe's constant ``r``) and return it
   where it is more faithful: the result is never less faithful than the default on the calibration images.
 

@@ -13,7 +13,7 @@ not carry over.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from ..adapters.registry import find_adapter
 from ..budget import Schedule, flops_fraction, resolve
 from ..errors import BudgetError, InputMismatchError, SiteError, TokenThinError, UnsupportedModelError
 from ..methods.base import get
+from .joint import joint_candidates
 from .schedule import CalibratedSchedule
 from .search import best_site, greedy_layers, sigmoid_layers
 
@@ -63,6 +64,8 @@ class _Objective:
         self.size = (int(images.shape[-2]), int(images.shape[-1]))
         self.cache: dict[tuple, float] = {}
         self.forwards = 0
+        # a resized schedule (resize-tome) is applied as a calibrated schedule (apply takes no input share)
+        self.wrap: Callable[[Schedule], CalibratedSchedule] | None = None
         self.ref = self._run()
 
     @torch.no_grad()
@@ -86,18 +89,22 @@ class _Objective:
         return torch.cat(pooled), (torch.cat(patches) if patches else None)
 
     def budget(self, s: Schedule) -> dict[str, Any]:
+        if s.input_keep is not None:
+            assert self.wrap is not None, "resized schedules are scored by joint calibration"
+            return {"schedule": self.wrap(s)}
         if s.site == "layers":
             return {"r": list(s.r or ())}
         return {"keep": s.keep, "site": f"layer:{s.layer}"}
 
     def __call__(self, s: Schedule, **budget: Any) -> float:
-        key = (s.site, s.r, s.layer, s.keep) if not budget else tuple(sorted(budget.items()))
+        key = (s.site, s.r, s.layer, s.keep, s.input_keep) if not budget else tuple(sorted(budget.items()))
         if key in self.cache:
             return self.cache[key]
         torch.manual_seed(self.seed)
         kw = budget or self.budget(s)
         unmerge = self.objective != "cls"
-        with api.applied(self.model, self.method, image_size=self.size, unmerge=unmerge, **kw, **self.params):
+        params = {} if "schedule" in kw else self.params  # a schedule carries its parameters
+        with api.applied(self.model, self.method, image_size=self.size, unmerge=unmerge, **kw, **params):
             pooled, patches = self._run()
         self.forwards += 1
         self.bar.update(1)
@@ -134,8 +141,10 @@ def calibrate(
 
     Merging methods (site ``layers``: ``tome``, ``pitome``): the per-layer ``r``, by ``search="greedy"`` (from no
     reduction, add merging where it costs the least fidelity per FLOP saved, ``steps`` steps) or ``"sigmoid"`` (a
-    parametric keep curve, 3 parameters, one solved for the target). Single-site pruning methods: the site ``k`` and
-    its keep, every ``k`` tried. The method's default solve of ``flops=`` is evaluated too and returned instead where
+    parametric keep curve, 3 parameters, one solved for the target). ``resize-tome``: the input size and the merge
+    schedule jointly (every candidate size with ToMe's ``smooth`` schedule for the target there, and plain
+    downsampling; ``search`` / ``steps`` do not apply). Single-site pruning methods: the site ``k`` and its keep,
+    every ``k`` tried. The method's default solve of ``flops=`` is evaluated too and returned instead where
     it is more faithful (within ``tol`` of the target). ``objective``: ``"auto"`` (default), ``"cls"``, ``"patch"``
     or ``"cls+patch"`` (see the module docstring). Returns a :class:`CalibratedSchedule` for ``apply(model, method,
     schedule=...)``; a list of them, one per target, where ``flops`` is a list (one greedy pass serves every target;
@@ -198,12 +207,14 @@ def calibrate(
             f"method '{method}' calibrates its own thresholds (apply(..., calibration=images)); its token counts "
             "vary per image, so there is no per-layer schedule to search"
         )
-    if cls.resizes_input:
-        raise TokenThinError(
-            f"method '{method}' chooses the input size under flops= itself, which calibration does not search; "
-            "apply it with flops=, or calibrate 'tome' (merging at the full size)"
+    if cls.resizes_input and "input" not in adapter.sites:
+        raise SiteError(
+            f"method '{method}' also resizes the input image, which {adapter.family} cannot take (no site 'input'); "
+            "calibrate 'tome' there"
         )
-    if cls.kind == "merge" and "layers" in cls.sites and "layers" in adapter.sites:
+    if cls.resizes_input and cls.kind == "merge" and "layers" in adapter.sites:
+        site = "resize"  # joint: input size x merge schedule (run_joint)
+    elif cls.kind == "merge" and "layers" in cls.sites and "layers" in adapter.sites:
         site = "layers"
     elif cls.kind == "prune" and "layer" in cls.sites and "layer" in adapter.sites:
         site = "layer"
@@ -219,25 +230,67 @@ def calibrate(
         )
     param = next(model.parameters())
     images = images.to(device=param.device, dtype=param.dtype)
-    layout = adapter.layout_for((int(images.shape[-2]), int(images.shape[-1])))
+    size = (int(images.shape[-2]), int(images.shape[-1]))
+    layout = adapter.layout_for(size)
     grid, N, L, dims = layout.grid, layout.content, adapter.dims.num_layers, adapter.dims
+    m = cls(**params)
+
+    def input_patches(frac: float) -> int:
+        p = adapter.input_patch
+        hh, ww = m.input_size(grid[0] * p, grid[1] * p, p, frac)
+        return (hh // p) * (ww // p)
 
     def flops_of(s: Schedule) -> float:
-        return flops_fraction(s, dims, grid)
+        f = s.input_fraction
+        return flops_fraction(s, dims, grid, None if f is None else input_patches(f))
+
+    def make(s: Schedule, target: float, fidelity: float, how: str, **extra: Any) -> CalibratedSchedule:
+        keep = None
+        if s.site == "layer":
+            keep = float(s.keep) if isinstance(s.keep, float) else float(s.keep) / N  # type: ignore[arg-type]
+        return CalibratedSchedule(
+            method=method,
+            site=s.site,
+            num_layers=L,
+            grid=(int(grid[0]), int(grid[1])),
+            protected=adapter.num_protected,
+            flops_target=float(target),
+            flops=flops_of(s),
+            objective=fid.objective,
+            fidelity=fidelity,
+            search=how,
+            r=s.r,
+            layer=s.layer,
+            keep=keep,
+            params=dict(params),
+            image_size=size,
+            host=adapter.family,
+            hidden=dims.hidden,
+            input_keep=s.input_keep,
+            resized_patches=None if s.input_keep is None else input_patches(s.input_keep),
+            **extra,
+        )
 
     t0 = time.perf_counter()
-    per = steps * (L - 1) if search == "greedy" else 33
-    total = per if site == "layers" and search == "greedy" else (per if site == "layers" else L) * len(targets)
+    if site == "resize":
+        cands = {float(t): joint_candidates(float(t), N, L, input_patches, flops_of) for t in targets}
+        total = sum(len(c) for c in cands.values())
+    else:
+        per = steps * (L - 1) if search == "greedy" else 33
+        total = per if site == "layers" and search == "greedy" else (per if site == "layers" else L) * len(targets)
     what = ", ".join(f"{t:g}" for t in targets)
     bar = tqdm(total=total + 1, desc=f"calibrate {method} @ {what} FLOPs", unit="fwd", disable=not progress)
     try:
         with torch.no_grad():
             fid = _Objective(model, adapter, method, params, images, objective, batch_size, seed, bar)
+        fid.wrap = lambda s: make(s, 1.0, 0.0, "candidate")
 
         def show(s: Schedule, f: float, v: float) -> None:
             bar.set_postfix(flops=f"{f:.3f}", fidelity=f"{v:.4f}")
 
-        if site == "layers" and search == "greedy":
+        if site == "resize":
+            found = [best_site(cands[float(t)], fid, show, flops_of) for t in targets]
+        elif site == "layers" and search == "greedy":
             found = greedy_layers(N, L, targets, flops_of, fid, steps=steps, on_step=show)
         elif site == "layers":
             found = [sigmoid_layers(N, L, float(t), flops_of, fid, on_step=show) for t in targets]
@@ -253,37 +306,21 @@ def calibrate(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    scheds = []
-    for t, best, best_fid, baseline, base_fid in out:
-        keep = None
-        if best.site == "layer":
-            keep = float(best.keep) if isinstance(best.keep, float) else float(best.keep) / N  # type: ignore[arg-type]
-        scheds.append(
-            CalibratedSchedule(
-                method=method,
-                site=best.site,
-                num_layers=L,
-                grid=(int(grid[0]), int(grid[1])),
-                protected=adapter.num_protected,
-                flops_target=float(t),
-                flops=flops_of(best),
-                objective=fid.objective,
-                fidelity=best_fid,
-                search=search if site == "layers" else "sites",
-                r=best.r,
-                layer=best.layer,
-                keep=keep,
-                params=dict(params),
-                image_size=(int(images.shape[-2]), int(images.shape[-1])),
-                host=adapter.family,
-                hidden=dims.hidden,
-                baseline=None if baseline is None else baseline.describe(),
-                baseline_fidelity=base_fid,
-                seconds=seconds,
-                images=int(images.shape[0]),
-                forwards=fid.forwards + 1,
-            )
+    how = "joint" if site == "resize" else search if site == "layers" else "sites"
+    scheds = [
+        make(
+            best,
+            t,
+            best_fid,
+            how,
+            baseline=None if baseline is None else baseline.describe(),
+            baseline_fidelity=base_fid,
+            seconds=seconds,
+            images=int(images.shape[0]),
+            forwards=fid.forwards + 1,
         )
+        for t, best, best_fid, baseline, base_fid in out
+    ]
     return scheds if isinstance(flops, (list, tuple)) else scheds[0]
 
 

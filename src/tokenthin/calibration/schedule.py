@@ -12,6 +12,10 @@ How a schedule carries over to other input sizes (budgets are per input):
   prompt's visual tokens (before the language model) or of those that entered it (``llm:k``), so it carries over to
   any prompt; ``params`` hold the method parameters the search chose (AIM's ``start`` / ``step``, ToDRE's
   ``llm_layer`` / ``llm_keep``) and ``llm`` the in-LLM points they give on this language model.
+* resize and merge (``resize-tome``, joint calibration): ``input_keep`` is the share of the input's patches the image
+  is resized to (the downsampling baseline's rule: each side scaled by its square root, aspect ratio kept), so another
+  input is resized to the same share; ``r`` is for the resized image's ``resized_patches`` patches and re-solved as
+  above for the resized patch count of the other input.
 
 The FLOPs fraction a schedule reaches at another size differs slightly from the calibrated one (attention's share
 grows with the token count); calibrate again at the size you serve for the best fidelity per FLOP.
@@ -20,6 +24,7 @@ grows with the token count); calibrate again at the size you serve for the best 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -27,9 +32,11 @@ from typing import Any
 from ..budget import Schedule, flops_fraction
 from ..errors import BudgetError
 from ..flops import EncoderDims
+from ..methods.downsample import scaled_size
 
 FORMAT = "tokenthin.calibrated_schedule"
-VERSION = 2  # 2: vision-language sites (output, llm, output+llm); version 1 files still load
+VERSION = 2  # 2: vision-language sites (output, llm, output+llm) and input_keep / resized_patches (resize-tome);
+# version 1 files still load
 READS = (1, 2)
 VLM_SITES = ("output", "llm", "output+llm")
 
@@ -43,7 +50,9 @@ class CalibratedSchedule:
     was calibrated for. ``flops_target`` / ``flops``: asked and reached (analytic fraction of the unreduced encoder at
     that size). ``fidelity``: the ``objective`` on the calibration images (1.0: identical to the unreduced model);
     ``baseline_fidelity`` / ``baseline``: the same for the method's default solve of ``flops=flops_target`` (None
-    where that solve fails). ``seconds`` / ``images`` / ``forwards``: the search's cost.
+    where that solve fails). ``seconds`` / ``images`` / ``forwards``: the search's cost. ``input_keep`` (site
+    ``layers`` only): the image is first resized to about this share of its patches, ``resized_patches`` of them at
+    the calibrated size (None: the image as given).
 
     Vision-language models (:mod:`tokenthin.calibration.vlm`): ``site`` ``"output"``, ``"llm"`` (after language-model
     layer ``layer``) or ``"output+llm"``; ``keep`` the fraction of visual tokens (of the prompt's, or of those that
@@ -79,9 +88,18 @@ class CalibratedSchedule:
     samples: int = 0
     text_tokens: float = 0.0
     visual_tokens: float = 0.0
+    input_keep: float | None = None
+    resized_patches: int | None = None
     version: int = VERSION
 
     def __post_init__(self) -> None:
+        if (self.input_keep is None) != (self.resized_patches is None) or (
+            self.input_keep is not None and (self.site != "layers" or not 0 < self.input_keep <= 1)
+        ):
+            raise BudgetError(
+                "a resized schedule needs site 'layers', input_keep in (0, 1] and resized_patches together; got "
+                f"site {self.site!r}, input_keep {self.input_keep!r}, resized_patches {self.resized_patches!r}"
+            )
         if self.site == "layers":
             if self.r is None or len(self.r) != self.num_layers - 1:
                 raise BudgetError(f"a 'layers' schedule needs {self.num_layers - 1} values of r, got {self.r!r}")
@@ -122,32 +140,50 @@ class CalibratedSchedule:
             return f"{self.site}:{self.layer}"
         return self.site
 
+    @property
+    def input_patches(self) -> int:
+        """Patches entering the first layer at the calibrated size (after the resize, if any)."""
+        return self.patches if self.resized_patches is None else self.resized_patches
+
     def tokens(self) -> list[int]:
         """Patch tokens entering each layer at the calibrated size (site ``layers``)."""
-        n, out = self.patches, []
+        n, out = self.input_patches, []
         for i in range(self.num_layers):
             out.append(n)
             if self.r is not None and i < self.num_layers - 1:
                 n -= self.r[i]
         return out
 
-    def for_grid(self, grid: tuple[int, int]) -> Schedule:
-        """The plain :class:`~tokenthin.budget.Schedule` for an input with this patch grid."""
+    def resized(self, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None) -> int:
+        """Patches entering the first layer for an input with this grid: ``input_patches(input_keep)`` (the
+        method's resize, as the runtime computes it), by default the downsampling baseline's rule on the grid."""
+        if self.input_keep is None:
+            return grid[0] * grid[1]
+        if input_patches is not None:
+            return input_patches(self.input_keep)
+        gh, gw = scaled_size(grid[0], grid[1], 1, self.input_keep)
+        return gh * gw
+
+    def for_grid(self, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None) -> Schedule:
+        """The plain :class:`~tokenthin.budget.Schedule` for an input with this patch grid (``input_patches``: the
+        resized patch count for a share, where the schedule resizes; see :meth:`resized`)."""
         L = self.num_layers
         if self.site == "layer":
             assert self.keep is not None
             return Schedule("layer", L, layer=self.layer, keep=self.keep)
-        n_new = grid[0] * grid[1]
-        frac = [n / self.patches for n in self.tokens()]
+        n_new = self.resized(grid, input_patches)
+        frac = [n / self.input_patches for n in self.tokens()]
         n, rs = n_new, []
         for i in range(L - 1):
             want = round(frac[i + 1] * n_new)
             nxt = max(n - n // 2, min(n, want))  # one layer merges at most half of its tokens
             rs.append(n - nxt)
             n = nxt
-        return Schedule("layers", L, r=tuple(rs))
+        return Schedule("layers", L, r=tuple(rs), input_keep=self.input_keep)
 
-    def planner(self, dims: EncoderDims, grid: tuple[int, int]) -> Schedule:
+    def planner(
+        self, dims: EncoderDims, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None
+    ) -> Schedule:
         """What the runtime calls for each input shape: checks the model, then :meth:`for_grid`."""
         if dims.num_layers != self.num_layers or (self.hidden and dims.hidden != self.hidden):
             raise BudgetError(
@@ -155,14 +191,20 @@ class CalibratedSchedule:
                 f"({self.host or 'unknown host'}); this model has {dims.num_layers} of width {dims.hidden}: "
                 "calibrate again on this model (tokenthin.calibrate)"
             )
-        return self.for_grid(grid)
+        return self.for_grid(grid, input_patches)
 
-    def flops_at(self, dims: EncoderDims, grid: tuple[int, int]) -> float:
+    def flops_at(
+        self, dims: EncoderDims, grid: tuple[int, int], input_patches: Callable[[float], int] | None = None
+    ) -> float:
         """Analytic FLOPs fraction this schedule reaches on an input with this grid."""
-        return flops_fraction(self.for_grid(grid), dims, grid)
+        s = self.for_grid(grid, input_patches)
+        ip = None if self.input_keep is None else self.resized(grid, input_patches)
+        return flops_fraction(s, dims, grid, ip)
 
     def describe(self) -> str:
         plan = f"r={list(self.r or ())}" if self.site == "layers" else f"site={self.site_name} keep={self.keep:.4f}"
+        if self.input_keep is not None:
+            plan = f"resized to {self.resized_patches} patches (input_keep={self.input_keep}), {plan}"
         if self.is_vlm:
             plan += (f" {self.params}" if self.params else "") + (
                 f" llm points {list(self.llm)}" if self.site == "output+llm" else ""

@@ -48,13 +48,13 @@ def build(model: nn.Module, adapter: Adapter, cls: type[Method], m: Method, req:
         adapter.default_layout = adapter.layout_for(req.image_size)
 
     def planner(layout: Layout) -> Schedule:
-        if req.plan is not None:  # a calibrated schedule, re-solved for this input's grid
-            return req.plan(adapter.dims, (layout.grid[0], layout.grid[1] * layout.frames))
-
         def input_patches(frac: float) -> int:
             p = adapter.input_patch
             hh, ww = m.input_size(layout.grid[0] * p, layout.grid[1] * p, p, frac)
             return (hh // p) * (ww // p)
+
+        if req.plan is not None:  # a calibrated schedule, re-solved for this input's grid (and resized patches)
+            return req.plan(adapter.dims, (layout.grid[0], layout.grid[1] * layout.frames), input_patches)
 
         return resolve(
             kind=cls.kind,

@@ -335,6 +335,7 @@ class Runtime:
             source_map=st.source if reduced else None,
             layer_valid=st.layer_valid,
             order=None if st.order is None else torch.argsort(st.order, dim=1),
+            dims=self.adapter.dims,
         )
         if self.unmerge and reduced:
             assert st.source is not None
@@ -362,4 +363,5 @@ class Runtime:
             # different count per image: the real counts of a call are in tokenthin.info(model).sample_tokens
             "planned_for": {"grid": lay.grid, "tokens": lay.tokens},
             "dynamic": self.method.dynamic,
+            **({"calibration": self.method.calibration_info()} if hasattr(self.method, "calibration_info") else {}),
         }

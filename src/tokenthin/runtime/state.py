@@ -11,6 +11,7 @@ import torch
 
 from ..budget import Schedule
 from ..errors import TokenThinError
+from ..flops import EncoderDims, encoder_flops
 from ..layout import Layout
 from ..methods.base import ReduceInput, SignalSource
 from ..scores.attention import cls_attention, mean_attention
@@ -106,6 +107,27 @@ class TokenInfo:
     # ``out.gather(1, order)`` is the tokens as the official code returns them; None: positional (the output itself
     # stays positional, as do ``size``, ``valid`` and ``source``)
     order: torch.Tensor | None = field(default=None, repr=False)
+    dims: EncoderDims | None = field(default=None, repr=False)  # the host's, for the realised FLOPs
+
+    @property
+    def sample_flops(self) -> list[float] | None:
+        """Per sample, the analytic FLOPs fraction (of the unreduced encoder at the original grid) this call
+        realised, each sample at its own token counts (:mod:`tokenthin.flops`); None where the host gave no
+        dimensions."""
+        d = self.dims
+        if d is None or len(self.tokens_per_layer) != d.num_layers:
+            return None
+        n0 = self.grid[0] * self.grid[1]
+        full = encoder_flops([n0 + self.num_protected] * d.num_layers, n0, d)
+        n_in = self.tokens_per_layer[0] - self.num_protected  # the (possibly resized) input's patches
+        per_sample = list(zip(*self.sample_tokens))
+        return [encoder_flops(list(c), n_in, d, k) / full for c, k in zip(per_sample, self.kept)]
+
+    @property
+    def flops_fraction(self) -> float | None:
+        """The mean over samples of :attr:`sample_flops` (what ``tokenthin bench`` reports as FLOPs reached)."""
+        f = self.sample_flops
+        return None if not f else sum(f) / len(f)
 
     @property
     def sample_tokens(self) -> list[list[int]]:
