@@ -288,8 +288,8 @@ class Runtime:
         keep[:, :P] = True
         if not fixed:
             keep &= valid
-        if target is not None:
-            target = target.masked_fill(keep | ~valid, -1)
+        if target is not None:  # (fixed count: every token is valid)
+            target = target.masked_fill(keep if fixed else keep | ~valid, -1)
             target[:, :P] = -1
         return assign.build(keep, target, n_out), size
 
