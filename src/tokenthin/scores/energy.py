@@ -61,8 +61,8 @@ def energy(
         d.copy_((d + d.transpose(-1, -2)).div_(2))  # the diagonal block, exactly symmetric
         d.diagonal(dim1=-2, dim2=-1).copy_(self_term.expand(b, t - s))
         f[:, t:, s:t] = g[:, :, t - s : n - s].transpose(-1, -2)  # mirrored below the diagonal
-        row = f[:, s:t, :n]  # complete now: its columns left of s were mirrored from the earlier slabs
-        e[:, s:t] = row.contiguous().mean(-1) if cols is None else (row * cols).sum(-1)
+        row = f[:, s:t, :n]  # complete now (its columns left of s were mirrored from the earlier slabs), last read
+        e[:, s:t] = row.mean(-1) if cols is None else row.mul_(cols).sum(-1)
     if cols is None:
         return e
     e = e / cols.sum(-1).clamp_min(1.0)
