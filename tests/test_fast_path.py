@@ -112,3 +112,26 @@ def test_fixed_count_matching_keeps_the_old_choices_with_zero_and_tied_keys():
     for r in (1, 34, 128):
         got, want = matching.match(keys, r, cand), _ref_match(keys, r, cand)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("method", ["tome", "pitome"])
+def test_head_mean_taken_at_capture_changes_nothing(monkeypatch, method):
+    """Methods that read only the keys' head mean get it computed when the keys are captured (while they are in
+    cache); the encoder's output is bit-identical to computing it at the reduction, and the mean was taken there."""
+    import tiny
+    import tokenthin
+    from tokenthin.runtime import state
+
+    model = tiny.build("dinov2")
+    x = torch.randn(3, 3, tiny.IMAGE, tiny.IMAGE, generator=torch.Generator().manual_seed(0))
+    with tokenthin.applied(model, method, r=4):
+        calls = []
+        orig = state._Signals.head_mean
+        monkeypatch.setattr(state._Signals, "head_mean", staticmethod(lambda k, h: calls.append(1) or orig(k, h)))
+        eager = tiny.outputs(model, x)["last_hidden_state"]
+        assert len(calls) == 2  # the two reduction points, at capture
+        no_store = property(lambda self: {}, lambda self, v: None)  # every lookup misses: the mean is taken late
+        monkeypatch.setattr(state.CallState, "k_mean", no_store, raising=False)
+        lazy = tiny.outputs(model, x)["last_hidden_state"]
+    assert len(calls) == 6  # taken at capture (and thrown away) and again at the reductions
+    assert torch.equal(eager, lazy)
