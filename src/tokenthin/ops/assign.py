@@ -68,10 +68,11 @@ def build(keep: torch.Tensor, target: torch.Tensor | None = None, n_out: int | N
         n_out = int(lo_hi.max) if lo_hi is not None else 0
         uniform = lo_hi is None or int(lo_hi.min) == n_out
     slot = keep.long().cumsum(1) - 1  # slot index of kept tokens
-    dst = slot.masked_fill(~keep, -1)
+    drop = ~keep
+    dst = slot.masked_fill(drop, -1)
     merges, moving, max_moving = False, None, None
     if target is not None:
-        moving = (~keep) & (target >= 0)
+        moving = drop & (target >= 0)
         if static or bool(moving.any()):  # fixed count: assume merges (an empty merge changes nothing)
             merges = True
             tgt = target.clamp(min=0)
@@ -80,12 +81,13 @@ def build(keep: torch.Tensor, target: torch.Tensor | None = None, n_out: int | N
             max_moving = n - n_out if static else None
         else:
             moving = None
-    slot_src = torch.zeros(b, n_out, dtype=torch.long, device=keep.device)
     if n_out:
-        idx = torch.where(keep, slot, torch.full_like(slot, n_out))  # dump non-kept into an overflow column
+        idx = slot.masked_fill(drop, n_out)  # dump non-kept into an overflow column
         buf = torch.zeros(b, n_out + 1, dtype=torch.long, device=keep.device)
         buf.scatter_(1, idx, torch.arange(n, device=keep.device).expand(b, n))
         slot_src = buf[:, :n_out]
+    else:
+        slot_src = torch.zeros(b, 0, dtype=torch.long, device=keep.device)
     return Assignment(
         dst=dst,
         slot_src=slot_src,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from .assign import rows
 from .similarity import normalize
 
 
@@ -70,13 +71,13 @@ def match(
     """
     bsz, n, _ = metric.shape
     dev = metric.device
-    if a_idx is None or b_idx is None:
+    split = a_idx is None or b_idx is None  # ToMe's alternate split: A = 2i, B = 2j + 1
+    if split:
         a_ok, b_ok = candidates[:, 0::2], candidates[:, 1::2]
         sa: torch.Tensor | slice = slice(0, None, 2)
         sb: torch.Tensor | slice = slice(1, None, 2)
-        a1, b1 = alternate_split(n, dev)
-        a_idx, b_idx = a1.expand(bsz, -1), b1.expand(bsz, -1)
     else:
+        assert a_idx is not None and b_idx is not None
         a_ok, b_ok = candidates.gather(1, a_idx), candidates.gather(1, b_idx)
         sa, sb = a_idx, b_idx
     scores = similarities(metric, sa, sb, b_ok)
@@ -85,15 +86,24 @@ def match(
     if isinstance(r, int) and threshold is None:
         # one r for the batch: the r strongest edges (top-k of each A token's best similarity; ties: lowest index,
         # as a stable sort), and the best B match looked up for those r A tokens only (an argmax over every row
-        # costs more than the rest of the matching on CPU)
+        # costs more than the rest of the matching on CPU): their rows copied whole, then ``max``, whose index is
+        # the first maximum as ``argmax``'s is (and twice as fast on CPU)
         best = scores.amax(dim=-1).masked_fill(~a_ok, -torch.inf)
         top = best.topk(min(r, best.shape[1]), dim=-1, sorted=False).indices  # (B, r)
         ok = torch.isfinite(best.gather(1, top))
-        j = scores.gather(1, top.unsqueeze(-1).expand(-1, -1, scores.shape[-1])).argmax(-1)  # (B, r) into B
-        src = a_idx.gather(1, top)
+        j = rows(scores, top).max(dim=-1).indices  # (B, r) into B
+        if split:
+            src, dst = top * 2, j * 2 + 1
+        else:
+            assert a_idx is not None and b_idx is not None
+            src, dst = a_idx.gather(1, top), b_idx.gather(1, j)
         keep.scatter_(1, src, ~ok)
-        target.scatter_(1, src, torch.where(ok, b_idx.gather(1, j), -1))
+        target.scatter_(1, src, torch.where(ok, dst, -1))
         return keep, target
+    if split:
+        a1, b1 = alternate_split(n, dev)
+        a_idx, b_idx = a1.expand(bsz, -1), b1.expand(bsz, -1)
+    assert a_idx is not None and b_idx is not None
     best, best_j = scores.max(dim=-1)
     best = best.masked_fill(~a_ok, -torch.inf)
     if isinstance(r, int):

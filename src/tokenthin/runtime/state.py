@@ -155,6 +155,7 @@ class CallState:
     bias: torch.Tensor | None = None  # (B, N) additive key bias for the next layers, None = no bias needed
     q: dict[int, torch.Tensor] = field(default_factory=dict)
     k: dict[int, torch.Tensor] = field(default_factory=dict)
+    k_mean: dict[int, torch.Tensor] = field(default_factory=dict)  # the keys' head mean, where taken at capture
     bias_at: dict[int, torch.Tensor | None] = field(default_factory=dict)
     tokens: list[int] = field(default_factory=list)
     layer_valid: list[torch.Tensor | None] = field(default_factory=list)  # the valid mask entering each layer
@@ -176,10 +177,17 @@ class _Signals(SignalSource):
             raise TokenThinError(f"internal: no keys captured at layer {layer}")
         return self.st.q.get(layer), self.st.k[layer]
 
-    def keys(self, layer: int) -> torch.Tensor:
-        _, k = self._qk(layer, False)
+    @staticmethod
+    def head_mean(k: torch.Tensor, heads: int) -> torch.Tensor:
         b, n, _ = k.shape
-        return k.view(b, n, self.rt.adapter.num_heads, -1).mean(2)
+        return k.view(b, n, heads, -1).mean(2)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        got = self.st.k_mean.get(layer)
+        if got is not None:
+            return got
+        _, k = self._qk(layer, False)
+        return self.head_mean(k, self.rt.adapter.num_heads)
 
     def cls_attention(self, layer: int) -> torch.Tensor:
         q, k = self._qk(layer, True)
