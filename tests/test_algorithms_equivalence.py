@@ -399,3 +399,14 @@ def test_real_features_same_selections(dino_features, monkeypatch):
     assert torch.equal(got["coverage"], cov_mod.coverage_greedy(x[1:], 342, cand[1:]))
     assert torch.equal(got["divprune"], div_mod.max_min_diversity(x, 684, cand))
     assert torch.equal(got["kcenter"], div_mod.k_center_greedy(x, 684, cand))
+
+
+@pytest.mark.parametrize(("b", "n", "d", "keep", "dup"), [(2, 576, 64, 0.25, True), (1, 300, 16, 0.5, False)])
+def test_compile_path_coverage_picks_what_the_lazy_greedy_picks(monkeypatch, b, n, d, keep, dup):
+    """Under torch.compile the greedy recomputes every gain at every step (no data-dependent loop): same picks."""
+    x = _tokens(b, n, d, seed=n, dup=dup)
+    cand = _candidates(b, n, seed=n)
+    k = int(keep * int(cand.sum(1).min()))
+    lazy = cov_mod.coverage_greedy(x, k, cand)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.equal(lazy, cov_mod.coverage_greedy(x, k, cand))

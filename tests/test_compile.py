@@ -76,6 +76,7 @@ CASES = [
     ("dinov2-reg", "visionzip", {"keep": 0.25, "site": "layer:0"}, (2,)),
     ("siglip", "pool", {"keep": 0.25, "site": "layer:1"}, (2,)),
     ("timm-plain", "fastervlm", {"keep": 0.25, "site": "layer:0"}, (2,)),
+    ("vit", "coverage", {"keep": 0.25, "site": "layer:0"}, (2,)),  # its greedy's compile path (no lazy loop)
     ("timm-registers", "tome", {"keep": 0.5, "site": "block"}, (2,)),
 ]
 

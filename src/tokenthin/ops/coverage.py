@@ -2,7 +2,8 @@
 
 Both follow the selection contract and conventions of :mod:`tokenthin.ops.select`; memory is ``O(B * M * N)``
 float32 (M references x N tokens; about 33 MB per sample at N = M = 2880). The greedy is lazy (Minoux): a gain
-computed earlier bounds the current one, so each step recomputes a few slabs of rows, not all N x M.
+computed earlier bounds the current one, so each step recomputes a few slabs of rows, not all N x M. Under
+``torch.compile`` it recomputes every gain at every step instead (the same picks, no data-dependent loop).
 """
 
 from __future__ import annotations
@@ -88,6 +89,29 @@ def _greedy_coverage_token_major(cover_t: torch.Tensor, k: int, candidates: torc
     return ascending(out)
 
 
+def _greedy_coverage_plain(cover_t: torch.Tensor, k: int, candidates: torch.Tensor) -> torch.Tensor:
+    """Greedy coverage recomputing every gain at every step (``k * N * M`` work): the picks of the lazy greedy,
+    without its data-dependent loop, for ``torch.compile`` (a fixed number of steps, no count read back)."""
+    B, N, M = cover_t.shape
+    covered = torch.zeros(B, 1, M, dtype=cover_t.dtype, device=cover_t.device)
+    avail = candidates.clone()
+    flat = cover_t.view(B * N, M)
+    base = torch.arange(B, device=candidates.device) * N
+    out = torch.empty(B, k, dtype=torch.long, device=candidates.device)
+    for t in range(k):
+        pick = _gains(cover_t, covered).masked_fill(~avail, -math.inf).argmax(dim=1)  # lowest index among ties
+        out[:, t] = pick
+        avail = avail.scatter(1, pick.unsqueeze(1), False)
+        covered = torch.maximum(covered, flat.index_select(0, base + pick).unsqueeze(1))
+    return ascending(out)
+
+
+def _greedy(cover_t: torch.Tensor, k: int, candidates: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return _greedy_coverage_plain(cover_t, k, candidates)
+    return _greedy_coverage_token_major(cover_t, k, candidates)
+
+
 def greedy_max_coverage(cover: torch.Tensor, k: int, candidates: torch.Tensor) -> torch.Tensor:
     """Greedy maximisation of ``f(S) = sum_j max(0, max_{i in S} cover[b, j, i])``.
 
@@ -113,7 +137,7 @@ def greedy_max_coverage(cover: torch.Tensor, k: int, candidates: torch.Tensor) -
     if k == 0:
         return empty_selection(candidates)
     cover_t = cover.to(device=candidates.device, dtype=torch.float32).transpose(1, 2).contiguous()
-    return _greedy_coverage_token_major(cover_t, k, candidates)
+    return _greedy(cover_t, k, candidates)
 
 
 def coverage_greedy(
@@ -193,7 +217,7 @@ def coverage_greedy(
     xn = normalize(x)
     rn = xn if ref is None else normalize(ref)
     logits = per_sample_matmul(rn, xn).div_(temperature)  # (B, M, N)
-    if not bool(candidates.all()):
+    if torch.compiler.is_compiling() or not bool(candidates.all()):  # no count read back under torch.compile
         logits.masked_fill_(~candidates.unsqueeze(1), -math.inf)
     cover = torch.softmax(logits, dim=-1)  # each reference spreads one unit over the eligible tokens
     del logits
@@ -201,6 +225,6 @@ def coverage_greedy(
     cover_t = torch.empty(B, x.shape[1], cover.shape[1], dtype=torch.float32, device=cover.device)  # (B, N, M)
     torch.div(cover.transpose(1, 2), n_ref.view(B, 1, 1), out=cover_t)  # token-major in the same pass
     del cover
-    if not bool(ref_valid.all()):
+    if torch.compiler.is_compiling() or not bool(ref_valid.all()):
         cover_t.masked_fill_(~ref_valid.unsqueeze(1), 0.0)
-    return _greedy_coverage_token_major(cover_t, k, candidates)
+    return _greedy(cover_t, k, candidates)
