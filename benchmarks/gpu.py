@@ -24,6 +24,7 @@ unreduced compiled separately, each on its own copy of the weights), for each me
 
     python benchmarks/gpu.py --dtype fp16 --batch 64,256 --tome-repo /path/to/ToMe --out benchmarks/results/gpu
     python benchmarks/gpu.py --dry-run   # CPU, tiny shapes: checks the script and prints the table structure
+    python benchmarks/gpu.py --cpu --models dinov2-s   # CPU, real shapes, inductor: compiled vs eager without a GPU
 
 Rows go to ``--out``/gpu.jsonl as they finish; the table is printed and written to ``--out``/gpu.md.
 """
@@ -350,6 +351,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tome-repo", default=None, help="a local facebookresearch/ToMe checkout (official patch rows)")
     ap.add_argument("--out", default="benchmarks/results/gpu")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, 1 repeat: check the script")
+    ap.add_argument("--cpu", action="store_true", help="CPU, float32, inductor, real shapes (batch 8 by default)")
     return ap.parse_args(argv)
 
 
@@ -362,11 +364,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def _main(argv: list[str] | None) -> list[dict]:
     args = parse(argv)
-    if args.dry_run:
+    if args.dry_run or args.cpu:
         device, dtype = torch.device("cpu"), torch.float32
-        args.repeats, args.dtype = 1, "fp32"
-        args.batch = "2" if args.batch == "64,256" else args.batch
-        args.backend = "eager"  # dynamo's trace without code generation: checks the compiled path quickly
+        args.dtype = "fp32"
+        args.batch = ("2" if args.dry_run else "8") if args.batch == "64,256" else args.batch
+        args.repeats = 1 if args.dry_run else args.repeats
+        args.backend = "eager" if args.dry_run else "inductor"  # eager: dynamo's trace only, a quick check
     else:
         if not torch.cuda.is_available():
             sys.exit(
@@ -393,7 +396,8 @@ def _main(argv: list[str] | None) -> list[dict]:
     print(env, flush=True)
     for host in hosts(args.models.split(","), device, dtype, args.dry_run, args.llm_layers):
         run_host(host, args, device, emit)
-    text = f"{env}; {args.dtype}{' (dry run: tiny shapes, CPU)' if args.dry_run else ''}\n\n" + table(rows)
+    where = " (dry run: tiny shapes, CPU)" if args.dry_run else (" (CPU)" if args.cpu else "")
+    text = f"{env}; {args.dtype}{where}\n\n" + table(rows)
     (out / "gpu.md").write_text(text + "\n")
     print(text)
     return rows

@@ -126,8 +126,9 @@ def test_merge_op_mean_is_tomesd_and_errors() -> None:
     with tokenthin.applied(model, "tomesd", ratio=0.5):
         ref = run(model, x)
     with tokenthin.applied(model, "tofu", ratio=0.5, merge_op="mean", prune_after=1.0):
-        # merging everywhere with the mean is tomesd (whose mean merge takes the precomputed row path: rounding)
-        assert (run(model, x) - ref).abs().max() <= 1e-6
+        # merging everywhere with the mean is tomesd (whose mean merge takes the precomputed row path: rounding,
+        # which varies with buffer alignment across runs by up to a few float32 ulps of the UNet's outputs)
+        assert (run(model, x) - ref).abs().max() <= 1e-5
     with tokenthin.applied(model, "tofu", ratio=0.5):
         assert not torch.equal(run(model, x), ref)
     with pytest.raises(tokenthin.TokenThinError, match="prune_after"):
