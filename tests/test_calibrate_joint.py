@@ -11,29 +11,16 @@ import torch
 import torch.nn.functional as F
 
 import tokenthin
+from test_calibrate import _dinov2, _pixels  # the same tiny DINOv2 and calibration pixels
 from tokenthin.calibration import CalibratedSchedule, calibrate
 from tokenthin.calibration.joint import joint_candidates
 
 LAYERS = 6
 
 
-def _dinov2() -> torch.nn.Module:
-    from transformers import Dinov2Config, Dinov2Model
-
-    torch.manual_seed(0)
-    cfg = Dinov2Config(
-        hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4, image_size=32, patch_size=4, mlp_ratio=2
-    )
-    return Dinov2Model(cfg).eval()
-
-
-def _pixels(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return _dinov2()
+    return _dinov2(LAYERS)
 
 
 @pytest.fixture(scope="module")
