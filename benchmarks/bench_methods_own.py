@@ -55,8 +55,10 @@ try:
 except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import tokenthin
-from tokenthin.adapters.registry import find_adapter
-from tokenthin.bench.timing import set_reduced  # attach / detach once (a second attach doubles the hooks)
+from own_generate import asr_rows, ocr_rows, slowdown_table
+from own_timing import interleaved, interleaved_cpu, own_and_time
+from own_timing import own_cpu as measure_own_cpu
+
 from tokenthin.errors import TokenThinError
 
 ENCODER_METHODS = ("coverage", "divprune", "kcenter", "hiprune", "pitome")
@@ -64,166 +66,10 @@ VLM_METHODS = ("coverage", "mmtok", "divprune", "kcenter", "hiprune", "aim")
 IMAGE_TOKEN = 31
 
 
-def _timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _own_and_time(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-    """Median own seconds (the runtime's wall-clock measure of its reductions), median wall seconds of ``fn`` and
-    median thread CPU seconds inside the method's ``reduce`` (robust to a busy machine; bookkeeping excluded)."""
-    method = rt.method
-    cpu = [0.0]
-    plain = method.reduce
-
-    def reduce(*args: Any, **kw: Any) -> Any:  # an instance attribute, dropped again below
-        t0 = time.thread_time()
-        try:
-            return plain(*args, **kw)
-        finally:
-            cpu[0] += time.thread_time() - t0
-
-    own, wall, cpus = [], [], []
-    method.reduce = reduce
-    try:
-        for _ in range(repeats):
-            rt.measure, rt.overhead_s, cpu[0] = True, 0.0, 0.0
-            wall.append(_timed(fn))
-            own.append(rt.overhead_s)
-            cpus.append(cpu[0])
-    finally:
-        rt.measure = False
-        del method.reduce
-    return statistics.median(own), statistics.median(wall), statistics.median(cpus)
-
-
-def _interleaved(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median wall seconds of ``fn`` unreduced and reduced, alternating (drift hits both)."""
-    t: dict[bool, list[float]] = {True: [], False: []}
-    for r in range(repeats):
-        for reduced in (r % 2 == 1, r % 2 == 0):
-            set_reduced(rt, reduced)
-            t[reduced].append(_timed(fn))
-    set_reduced(rt, True)
-    return statistics.median(t[False]), statistics.median(t[True])
-
-
-def _interleaved_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median thread CPU seconds of ``fn`` unreduced and reduced on one thread: the work each does, which a busy
-    machine (other processes on the cores) hardly changes, unlike wall time."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    t: dict[bool, list[float]] = {True: [], False: []}
-    try:
-        for r in range(repeats):
-            for reduced in (r % 2 == 1, r % 2 == 0):
-                set_reduced(rt, reduced)
-                t0 = time.thread_time()
-                fn()
-                t[reduced].append(time.thread_time() - t0)
-    finally:
-        set_reduced(rt, True)
-        torch.set_num_threads(before)
-    return statistics.median(t[False]), statistics.median(t[True])
-
-
 # --------------------------------------------------------------------------------------------- encoder hosts
 
 
-def ocr_rows(methods: list[str], keeps: list[float], repeats: int, new_tokens: int) -> list[dict[str, Any]]:
-    from tokenthin.bench.ocr import formulas
-    from tokenthin.models import latex_ocr as lo
-
-    model = lo.load_latex_ocr()
-    pv = lo.preprocess([lo.render_formula(t) for t in formulas(12, 0)])
-
-    @torch.inference_mode()
-    def decode() -> None:
-        lo.generate_ids(model, pv, new_tokens)
-
-    return _generate_rows("ocr-1024", model, decode, pv[:4], 1024, pv.shape[0], methods, keeps, repeats)
-
-
-def asr_rows(methods: list[str], keeps: list[float], repeats: int, new_tokens: int) -> list[dict[str, Any]]:
-    from tokenthin.bench.speech import clips
-    from tokenthin.models import whisper as wh
-
-    model, processor = wh.load_whisper()
-    chosen = clips()[:10]
-    feats = processor.feature_extractor(
-        [c.audio() for c in chosen], sampling_rate=wh.SAMPLE_RATE, return_tensors="pt"
-    ).input_features.to(model.dtype)
-
-    @torch.inference_mode()
-    def decode() -> None:
-        model.generate(feats, max_new_tokens=new_tokens)
-
-    return _generate_rows("asr-1500", model, decode, feats[:4], 1500, feats.shape[0], methods, keeps, repeats)
-
-
-def _generate_rows(
-    size: str,
-    model: torch.nn.Module,
-    decode: Callable[[], None],
-    cal: torch.Tensor,
-    tokens: int,
-    batch: int,
-    methods: list[str],
-    keeps: list[float],
-    repeats: int,
-) -> list[dict[str, Any]]:
-    """Own time and ``generate()`` time reduced / unreduced (wall and one-thread CPU) at site ``output`` per keep."""
-    host = find_adapter(model).name
-    takes = [m["name"] for m in tokenthin.methods() if not tokenthin.support(m["name"], host)]
-    methods = takes if methods == ["all"] else methods
-    rows = []
-    for name in [m for m in methods if m in takes]:
-        for keep in keeps:
-            row: dict[str, Any] = {"size": size, "method": name, "tokens": tokens, "batch": batch, "keep": keep}
-            try:
-                extra = {"calibration": cal} if name == "dtome" else {}
-                tokenthin.apply(model, name, keep=keep, site="output", **extra)
-                rt = tokenthin.runtime_of(model)
-                decode()
-                own, wall, cpu = _own_and_time(rt, decode, repeats)
-                own_cpu, red_cpu_own = _own_cpu(rt, decode, repeats)
-                full, red = _interleaved(rt, decode, repeats)
-                full_cpu, red_cpu = _interleaved_cpu(rt, decode, repeats)
-                row.update(own_ms=own * 1e3, reduce_cpu_ms=cpu * 1e3, share=own / wall, of="generate()")
-                row.update(share_cpu=own_cpu / red_cpu_own)
-                row.update(reduced_ms=wall * 1e3, ratio=red / full, cpu_ratio=red_cpu / full_cpu)
-            except TokenThinError as exc:
-                row["error"] = str(exc).split(";")[0]
-            finally:
-                if tokenthin.is_applied(model):
-                    tokenthin.remove(model)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    return rows
-
-
 DINOV2_SIZES = {"dinov2-224": (224, 8), "dinov2-448": (448, 2), "dinov2-518": (518, 1)}  # issue 9, goal 1
-
-
-def _own_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Median thread CPU seconds inside tokenthin's reductions and of the whole reduced ``fn``, on one thread: own
-    share as work done, which other processes on the machine distort far less than wall time."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    own, tot = [], []
-    try:
-        rt.clock, rt.measure = time.thread_time, True
-        for _ in range(repeats):
-            rt.overhead_s = 0.0
-            t0 = time.thread_time()
-            fn()
-            tot.append(time.thread_time() - t0)
-            own.append(rt.overhead_s)
-    finally:
-        rt.clock, rt.measure = time.perf_counter, False
-        torch.set_num_threads(before)
-    return statistics.median(own), statistics.median(tot)
 
 
 def dinov2_rows(methods: list[str], flops: float, repeats: int, size: str = "dinov2-518") -> list[dict[str, Any]]:
@@ -251,10 +97,10 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int, size: str = "din
             rt = tokenthin.runtime_of(enc)
             plan = tokenthin.explain(enc)["applied"]
             forward()
-            own, wall, cpu = _own_and_time(rt, forward, repeats)
-            own_cpu, red_cpu_own = _own_cpu(rt, forward, repeats)
-            full, red = _interleaved(rt, forward, repeats)
-            full_cpu, red_cpu = _interleaved_cpu(rt, forward, repeats)
+            own, wall, cpu = own_and_time(rt, forward, repeats)
+            own_cpu, red_cpu_own = measure_own_cpu(rt, forward, repeats)
+            full, red = interleaved(rt, forward, repeats)
+            full_cpu, red_cpu = interleaved_cpu(rt, forward, repeats)
             row.update(
                 own_ms=own * 1e3,
                 reduce_cpu_ms=cpu * 1e3,
@@ -294,25 +140,6 @@ def speed_table(rows: list[dict[str, Any]]) -> str:
             f"{100 * r['share_cpu']:.1f}% |"
         )
     return "\n".join(lines)
-
-
-def slowdown_table(rows: list[dict[str, Any]]) -> str:
-    """Issue 9, goal 2: ``generate()`` time reduced / unreduced per method and keep (below 1: faster)."""
-    lines = [
-        "| size | method | keep | generate time ratio (wall) | (1-thread CPU) | own share (wall) | own share "
-        "(1-thread CPU) |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if "cpu_ratio" in r and "share_cpu" in r:
-            lines.append(
-                f"| {r['size']} | {r['method']} | {r['keep']} | {r['ratio']:.2f} | {r['cpu_ratio']:.2f} | "
-                f"{100 * r['share']:.1f}% | {100 * r['share_cpu']:.1f}% |"
-            )
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------- VLM hosts
 
 
 def build_vlm(tokens: int, lm_layers: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -381,7 +208,7 @@ def vlm_rows(
             rt = tokenthin.runtime_of(model)
             prefill()
             times.clear()
-            own, wall, cpu = _own_and_time(rt, prefill, repeats)
+            own, wall, cpu = own_and_time(rt, prefill, repeats)
             layer_s = statistics.median(times)
             unhook()
             own_cpu, layer_cpu = _vlm_cpu(model, rt, prefill, repeats) if cpu_too else (None, None)
@@ -453,6 +280,11 @@ def main() -> None:
     p.add_argument("--vlm-keep", type=float, default=0.25)
     p.add_argument("--flops", type=float, default=0.5, help="dinov2-*: FLOPs target")
     p.add_argument("--new-tokens", type=int, default=48, help="ocr-1024: tokens generated per formula")
+    p.add_argument(
+        "--free-length",
+        action="store_true",
+        help="ocr-1024 / asr-1500: let each model stop at its own end-of-sequence (default: exactly --new-tokens)",
+    )
     p.add_argument("--lm-layers", type=int, default=1, help="llava-*: language-model layers built (share: x 32)")
     p.add_argument("--json", default=None, help="append the rows to this JSON-lines file")
     p.add_argument("--report", nargs="+", default=None, help="print the tables of saved JSON-lines files; run nothing")
@@ -462,14 +294,15 @@ def main() -> None:
         report(saved)
         return
     methods = args.methods.split(",")
+    keeps = [float(k) for k in args.keep.split(",")]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     rows: list[dict[str, Any]] = []
     for size in args.sizes.split(","):
         try:
             if size == "ocr-1024":
-                rows += ocr_rows(methods, [float(k) for k in args.keep.split(",")], args.repeats, args.new_tokens)
+                rows += ocr_rows(methods, keeps, args.repeats, args.new_tokens, not args.free_length)
             elif size == "asr-1500":
-                rows += asr_rows(methods, [float(k) for k in args.keep.split(",")], args.repeats, args.new_tokens)
+                rows += asr_rows(methods, keeps, args.repeats, args.new_tokens, not args.free_length)
             elif size in DINOV2_SIZES:
                 rows += dinov2_rows(methods, args.flops, args.repeats, size)
             elif size in ("llava-576", "llava-2880"):
