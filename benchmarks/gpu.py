@@ -263,6 +263,12 @@ def measure(
     plan = tokenthin.explain(red)["applied"]
     schedule = tokenthin.runtime_of(red).schedule
     run = compiled(red, args) if mode == "compiled" else red
+    graphs: dict[str, Any] = {}
+    if mode == "compiled":  # compile now and count what dynamo made of the reduced forward: one graph, no break
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+        run(**x)
+        graphs = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
     t = interleaved({"full": lambda: full(**x), "red": lambda: run(**x)}, args.repeats, device)
     rows = [
         dict(
@@ -273,6 +279,7 @@ def measure(
             full_mb=peak_mb(lambda: full(**x), device),
             red_mb=peak_mb(lambda: run(**x), device),
             own=None if mode == "compiled" else own_share(red, lambda: red(**x), args.repeats, device),
+            **graphs,
         )
     ]
     if patch is not None and method == "tome" and schedule.site == "layers":
@@ -320,6 +327,8 @@ COLUMNS = [
     ("own", "own share", "{:.1%}"),
     ("full_mb", "peak MB unreduced", "{:.0f}"),
     ("red_mb", "peak MB reduced", "{:.0f}"),
+    ("graphs", "graphs (compiled)", "{}"),
+    ("graph_breaks", "graph breaks", "{}"),
 ]
 
 

@@ -41,6 +41,8 @@ def test_dry_run_builds_the_table(tmp_path: Path) -> None:
         assert r["full_per_s"] > 0 and r["red_per_s"] > 0 and r["predicted"] > 1.0
         assert (r["own"] is None) == (r["mode"] == "compiled")  # no own time inside a compiled graph
         assert r["full_mb"] is None  # peak memory is CUDA-only
+        if r["mode"] == "compiled":  # the reduced forward is one graph with no break inside tokenthin's hooks
+            assert (r["graphs"], r["graph_breaks"]) == (1, 0), r
     text = (tmp_path / "gpu.md").read_text()
     assert "| model | batch | dtype | mode | method | unreduced /s |" in text and "dry run" in text
     assert len((tmp_path / "gpu.jsonl").read_text().splitlines()) == len(rows)
