@@ -56,8 +56,7 @@ except ImportError:  # a checkout without PYTHONPATH=src
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import tokenthin
 from own_generate import asr_rows, ocr_rows, slowdown_table
-from own_timing import interleaved, interleaved_cpu, own_and_time
-from own_timing import own_cpu as measure_own_cpu
+from own_timing import measure_all, own_and_time
 
 from tokenthin.errors import TokenThinError
 
@@ -98,17 +97,11 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int, size: str = "din
             plan = tokenthin.explain(enc)["applied"]
             forward()
             realised, padded = _realised(enc)
-            own, wall, cpu = own_and_time(rt, forward, repeats)
-            own_cpu, red_cpu_own = measure_own_cpu(rt, forward, repeats)
-            full, red = interleaved(rt, forward, repeats)
-            full_cpu, red_cpu = interleaved_cpu(rt, forward, repeats)
+            m = measure_all(rt, forward, repeats)
+            full, red, full_cpu, red_cpu = (m.pop(k) for k in ("full", "red", "full_cpu", "red_cpu"))
             row.update(
-                own_ms=own * 1e3,
-                reduce_cpu_ms=cpu * 1e3,
-                share=own / wall,
-                share_cpu=own_cpu / red_cpu_own,
+                m,
                 of="forward",
-                reduced_ms=wall * 1e3,
                 schedule=plan["schedule"],
                 predicted=1.0 / plan["flops_fraction"],
                 measured=full / red,

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from own_timing import interleaved, interleaved_cpu, own_and_time, own_cpu
+from own_timing import measure_all
 
 import tokenthin
 from tokenthin.adapters.registry import find_adapter
@@ -87,13 +87,9 @@ def generate_rows(
                 tokenthin.apply(model, name, keep=keep, site="output", **extra)
                 rt = tokenthin.runtime_of(model)
                 row.update(steps_full=steps_full, steps_reduced=decode())
-                own, wall, cpu = own_and_time(rt, decode, repeats)
-                own_c, red_cpu_own = own_cpu(rt, decode, repeats)
-                full, red = interleaved(rt, decode, repeats)
-                full_cpu, red_cpu = interleaved_cpu(rt, decode, repeats)
-                row.update(own_ms=own * 1e3, reduce_cpu_ms=cpu * 1e3, share=own / wall, of="generate()")
-                row.update(share_cpu=own_c / red_cpu_own)
-                row.update(reduced_ms=wall * 1e3, ratio=red / full, cpu_ratio=red_cpu / full_cpu)
+                m = measure_all(rt, decode, repeats)
+                full, red, full_cpu, red_cpu = (m.pop(k) for k in ("full", "red", "full_cpu", "red_cpu"))
+                row.update(m, of="generate()", ratio=red / full, cpu_ratio=red_cpu / full_cpu)
             except TokenThinError as exc:
                 row["error"] = str(exc).split(";")[0]
             finally:

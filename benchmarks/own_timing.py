@@ -99,3 +99,25 @@ def own_cpu(rt: Any, fn: Callable[[], object], repeats: int) -> tuple[float, flo
         rt.clock, rt.measure = time.perf_counter, False
         torch.set_num_threads(before)
     return statistics.median(own), statistics.median(tot)
+
+
+def measure_all(rt: Any, fn: Callable[[], object], repeats: int) -> dict[str, float]:
+    """The four measures every row takes of one applied method, in this order: own time and wall time of the reduced
+    ``fn`` with the method's thread CPU (:func:`own_and_time`), the one-thread CPU own share (:func:`own_cpu`), and
+    unreduced vs reduced interleaved, wall (:func:`interleaved`) and one-thread CPU (:func:`interleaved_cpu`).
+    Times in seconds except the ``_ms`` fields; ``full`` / ``red`` (wall) and ``full_cpu`` / ``red_cpu`` medians."""
+    own, wall, cpu = own_and_time(rt, fn, repeats)
+    own_c, red_cpu_own = own_cpu(rt, fn, repeats)
+    full, red = interleaved(rt, fn, repeats)
+    full_cpu, red_cpu = interleaved_cpu(rt, fn, repeats)
+    return dict(
+        own_ms=own * 1e3,
+        reduce_cpu_ms=cpu * 1e3,
+        share=own / wall,
+        share_cpu=own_c / red_cpu_own,
+        reduced_ms=wall * 1e3,
+        full=full,
+        red=red,
+        full_cpu=full_cpu,
+        red_cpu=red_cpu,
+    )
