@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_report import table
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,39 +311,6 @@ def official(patch: Any, base: nn.Module, r: list[int]) -> nn.Module:
     patch.apply_patch(m, trace_source=False, prop_attn=True)
     m.r = r
     return m
-
-
-# ----- report -----
-
-COLUMNS = [
-    ("model", "model", "{}"),
-    ("batch", "batch", "{}"),
-    ("dtype", "dtype", "{}"),
-    ("mode", "mode", "{}"),
-    ("method", "method", "{}"),
-    ("full_per_s", "unreduced /s", "{:.0f}"),
-    ("red_per_s", "reduced /s", "{:.0f}"),
-    ("speedup", "speedup", "{:.2f}x"),
-    ("predicted", "FLOPs-predicted", "{:.2f}x"),
-    ("own", "own share", "{:.1%}"),
-    ("full_mb", "peak MB unreduced", "{:.0f}"),
-    ("red_mb", "peak MB reduced", "{:.0f}"),
-    ("graphs", "graphs (compiled)", "{}"),
-    ("graph_breaks", "graph breaks", "{}"),
-]
-
-
-def table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
-        cells = []
-        for key, _, fmt in COLUMNS:
-            v = r.get(key)
-            cells.append("-" if v is None else fmt.format(v))
-        if "error" in r:
-            cells[5] = f"n/a: {r['error']}"
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
