@@ -96,7 +96,7 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int, size: str = "din
             rt = tokenthin.runtime_of(enc)
             plan = tokenthin.explain(enc)["applied"]
             forward()
-            realised, padded = _realised(enc)
+            last = tokenthin.info(enc)  # what the call realised: per image, and what the padded batch computes
             m = measure_all(rt, forward, repeats)
             full, red, full_cpu, red_cpu = (m.pop(k) for k in ("full", "red", "full_cpu", "red_cpu"))
             row.update(
@@ -106,8 +106,8 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int, size: str = "din
                 predicted=1.0 / plan["flops_fraction"],
                 measured=full / red,
                 measured_cpu=full_cpu / red_cpu,
-                realised=realised,
-                padded=padded,
+                realised=last.flops_fraction,
+                padded=last.batch_flops_fraction,
             )
         except TokenThinError as exc:
             row["error"] = str(exc).split(";")[0]
@@ -117,21 +117,6 @@ def dinov2_rows(methods: list[str], flops: float, repeats: int, size: str = "din
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
-
-
-def _realised(model: torch.nn.Module) -> tuple[float | None, float | None]:
-    """FLOPs fraction the last call realised on these inputs: the mean over samples, each at its own counts (what a
-    per-image prediction counts), and the batch's (every sample at the largest sample's counts: what it computes).
-    They differ from the plan's fraction only for dynamic methods (``dtome``)."""
-    from tokenthin.flops import encoder_flops
-
-    last = tokenthin.info(model)
-    if last.dims is None or len(last.tokens_per_layer) != last.dims.num_layers:
-        return None, None
-    n0 = last.grid[0] * last.grid[1]
-    full = encoder_flops([n0 + last.num_protected] * last.dims.num_layers, n0, last.dims)
-    n_in = last.tokens_per_layer[0] - last.num_protected
-    return last.flops_fraction, encoder_flops(last.tokens_per_layer, n_in, last.dims, max(last.kept)) / full
 
 
 def speed_table(rows: list[dict[str, Any]]) -> str:

@@ -47,8 +47,11 @@ def test_realised_flops_meet_the_target_on_the_calibration_images(calib: torch.T
     cal = tokenthin.explain(model)["applied"]["calibration"]
     assert cal["flops_target"] == target
     assert cal["flops_realised_calibration"] == pytest.approx(got, abs=1e-12)
-    per = tokenthin.info(model).sample_flops
+    info = tokenthin.info(model)
+    per = info.sample_flops
     assert per is not None and len(per) == calib.shape[0] and len(set(per)) > 1  # images keep different counts
+    # the padded batch computes every image at the largest image's counts: more than any one image
+    assert info.batch_flops_fraction is not None and info.batch_flops_fraction >= max(per) > got
 
 
 @pytest.mark.parametrize("target", [0.3, 0.52, 0.9])
@@ -98,3 +101,10 @@ def test_info_flops_match_the_plan_for_fixed_counts(calib: torch.Tensor) -> None
     tokenthin.apply(model, "tome", flops=0.5)
     got = realised(model, calib)
     assert got == pytest.approx(tokenthin.explain(model)["applied"]["flops_fraction"], abs=1e-9)
+
+
+def test_batch_flops_equal_the_mean_for_a_fixed_count_method(calib: torch.Tensor) -> None:
+    model = build()
+    tokenthin.apply(model, "tome", flops=0.6)
+    got = realised(model, calib)
+    assert tokenthin.info(model).batch_flops_fraction == pytest.approx(got, abs=1e-12)

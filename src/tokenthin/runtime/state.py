@@ -109,19 +109,34 @@ class TokenInfo:
     order: torch.Tensor | None = field(default=None, repr=False)
     dims: EncoderDims | None = field(default=None, repr=False)  # the host's, for the realised FLOPs
 
-    @property
-    def sample_flops(self) -> list[float] | None:
-        """Per sample, the analytic FLOPs fraction (of the unreduced encoder at the original grid) this call
-        realised, each sample at its own token counts (:mod:`tokenthin.flops`); None where the host gave no
-        dimensions."""
+    def _full_flops(self) -> tuple[EncoderDims, int, int] | None:
+        """(dims, FLOPs of the unreduced encoder at the original grid, the input's patches); None without dims."""
         d = self.dims
         if d is None or len(self.tokens_per_layer) != d.num_layers:
             return None
         n0 = self.grid[0] * self.grid[1]
         full = encoder_flops([n0 + self.num_protected] * d.num_layers, n0, d)
-        n_in = self.tokens_per_layer[0] - self.num_protected  # the (possibly resized) input's patches
+        return d, full, self.tokens_per_layer[0] - self.num_protected  # the (possibly resized) input's patches
+
+    @property
+    def sample_flops(self) -> list[float] | None:
+        """Per sample, the analytic FLOPs fraction (of the unreduced encoder at the original grid) this call
+        realised, each sample at its own token counts (:mod:`tokenthin.flops`); None where the host gave no
+        dimensions."""
+        if (f := self._full_flops()) is None:
+            return None
+        d, full, n_in = f
         per_sample = list(zip(*self.sample_tokens))
         return [encoder_flops(list(c), n_in, d, k) / full for c, k in zip(per_sample, self.kept)]
+
+    @property
+    def batch_flops_fraction(self) -> float | None:
+        """The FLOPs fraction the batch computes: every sample at the largest sample's counts (the padded shapes),
+        so at least :attr:`flops_fraction`; equal to it unless samples kept different counts (dynamic methods)."""
+        if (f := self._full_flops()) is None:
+            return None
+        d, full, n_in = f
+        return encoder_flops(self.tokens_per_layer, n_in, d, max(self.kept)) / full
 
     @property
     def flops_fraction(self) -> float | None:
